@@ -1,0 +1,24 @@
+# Two entry points: `make demo` trains with the learned optimizer, `make test` runs the suite.
+# Both build .venv on first use; torch 2.13.0 goes in first so that no CUDA build is pulled in.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+.PHONY: install demo test bench-speed
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/lightning-lopt fit -c configs/mnist1d_hrnn.yaml
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -n 2 tests
+
+bench-speed: $(VENV)/.installed
+	$(PY) -m lightning_lopt.bench.speed

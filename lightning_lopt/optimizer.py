@@ -1,0 +1,310 @@
+"""``HierarchicalRNNOptimizer``: the learned optimizer as a drop-in ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_lopt.hrnn import WEIGHTS_DIR, HierarchicalRNN, HRNNState, Layout, StepDiagnostics
+
+__all__ = ["HierarchicalRNNOptimizer"]
+
+STATE_KEY = "hrnn"
+_TENSOR_FIELDS = HRNNState._fields
+
+
+def load_weights(weights: Union[str, Path, HierarchicalRNN, None]) -> HierarchicalRNN:
+    """Resolve the ``weights`` argument of the optimizer into a :class:`HierarchicalRNN`.
+
+    ``None`` is the specification's initialisation from a fixed seed (not meta-trained, so it
+    warns). ``"default"`` falls back to it with a warning while no default weights are shipped.
+    """
+    if isinstance(weights, HierarchicalRNN):
+        return weights
+    if weights is None:
+        warnings.warn(
+            "HierarchicalRNNOptimizer(weights=None) uses the untrained initialisation of the hierarchical RNN "
+            "(fixed seed); it is not meta-trained and optimises poorly. Pass weights='default' or a file.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return HierarchicalRNN()
+    if str(weights) == "default" and not (WEIGHTS_DIR / "default.safetensors").exists():
+        warnings.warn(
+            "This installation ships no meta-trained 'default' weights; using the untrained initialisation "
+            "of the hierarchical RNN (fixed seed), which optimises poorly.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return HierarchicalRNN()
+    return HierarchicalRNN.from_pretrained(weights)
+
+
+class HierarchicalRNNOptimizer(Optimizer):
+    """The hierarchical RNN learned optimizer (Wichrowska et al., 2017) as a torch optimizer.
+
+    All parameters of all groups form one problem for the learned update rule; the state lives
+    in flat buffers. With attention (the default weights use it), gradients are taken at a
+    learned look-ahead point: in train mode the model holds that point, in eval mode the true
+    parameters. Call :meth:`eval` before evaluating or saving a model and :meth:`train` before
+    training again, or use :class:`lightning_lopt.callbacks.EvalWithTrueParameters`.
+
+    Args:
+        params: Parameters or parameter groups to optimise.
+        weights: Meta-trained weights: ``"default"``, a path to a ``.safetensors`` export or a
+            meta-training ``.ckpt``, a :class:`~lightning_lopt.HierarchicalRNN`, or ``None`` for the
+            untrained initialisation.
+        lr: Multiplier of the learned step size (what LR schedulers change).
+        weight_decay: Decoupled weight decay; each step shrinks parameters by ``lr * weight_decay``.
+        seed: Seed of the random initial per-element learning rates in the state.
+        state_dtype: Floating point type of the state buffers (``torch.bfloat16`` halves them).
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        weights: Union[str, Path, HierarchicalRNN, None] = "default",
+        lr: float = 1.0,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        state_dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"Invalid learning-rate multiplier lr={lr}: it must be >= 0.")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"Invalid weight_decay={weight_decay}: it must be >= 0.")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+        self.lopt = load_weights(weights)
+        for p in self.lopt.parameters():
+            p.requires_grad_(False)
+        self.seed = seed
+        self.state_dtype = state_dtype or torch.float32
+        self.last_diagnostics: Optional[StepDiagnostics] = None
+        self._diagnostics_requested = False
+        self._warned_nonfinite = False
+        self._layout_cache: dict[Any, Layout] = {}
+        self._training = True
+
+    # ------------------------------------------------------------------ public helpers
+
+    @property
+    def params(self) -> list[Tensor]:
+        """All parameters, in the flat order of the state."""
+        return [p for group in self.param_groups for p in group["params"]]
+
+    @property
+    def training(self) -> bool:
+        """True in train mode (the model holds the attended point)."""
+        return self._training
+
+    @property
+    def hrnn_state(self) -> Optional[dict[str, Any]]:
+        """The flat state (tensors and counters), or None before the first step."""
+        return self.state.get(STATE_KEY)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because a gradient was not finite."""
+        st = self.hrnn_state
+        return 0 if st is None else int(st["skipped"])
+
+    def request_diagnostics(self) -> None:
+        """Make the next :meth:`step` compute a :class:`StepDiagnostics` into ``last_diagnostics``."""
+        self._diagnostics_requested = True
+
+    def layout(self, params: Optional[list[Tensor]] = None) -> Layout:
+        """The flat layout of ``params`` (default: all parameters) on their device."""
+        params = self.params if params is None else params
+        key = tuple(id(p) for p in params)
+        layout = self._layout_cache.get(key)
+        if layout is None or layout.tensor_ids.device != params[0].device:
+            layout = Layout.build([p.numel() for p in params], device=params[0].device)
+            self._layout_cache = {key: layout}
+        return layout
+
+    # ------------------------------------------------------------------ train / eval
+
+    def train(self) -> None:
+        """Put the model at the attended point, where training gradients are taken."""
+        if not self._training:
+            self._swap()
+            self._training = True
+
+    def eval(self) -> None:
+        """Put the model at the true parameters, for evaluation and saving."""
+        if self._training:
+            self._swap()
+            self._training = False
+
+    @torch.no_grad()
+    def _swap(self) -> None:
+        st = self.hrnn_state
+        if st is None or st["theta"] is None:
+            return
+        params = self.params
+        shadow = st["theta"]
+        current = torch.cat([p.detach().reshape(-1).to(shadow.dtype) for p in params])
+        torch._foreach_copy_([p.data for p in params], self._split(shadow, params))
+        shadow.copy_(current)
+
+    @staticmethod
+    def _split(flat: Tensor, params: list[Tensor]) -> list[Tensor]:
+        return [v.view_as(p) for v, p in zip(flat.split([p.numel() for p in params]), params)]
+
+    # ------------------------------------------------------------------ state dict
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer state: per-group hyper-parameters and the flat state (tensors and primitives)."""
+        sd = super().state_dict()
+        if STATE_KEY in sd["state"]:
+            sd["state"][STATE_KEY] = dict(sd["state"][STATE_KEY], training=self._training)
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict`; the parameters must have the same shapes."""
+        saved = state_dict["state"].get(STATE_KEY)
+        if saved is not None:
+            sizes = [p.numel() for p in self.params]
+            if list(saved["sizes"]) != sizes:
+                raise ValueError(
+                    "The saved HierarchicalRNNOptimizer state was made for parameters of sizes "
+                    f"{list(saved['sizes'])}, but this optimizer has {sizes}."
+                )
+        super().load_state_dict(state_dict)
+        st = self.state.get(STATE_KEY)
+        if st is not None:
+            st = dict(st)
+            self._training = bool(st.pop("training", True))
+            self.state[STATE_KEY] = st
+        else:
+            self._training = True
+
+    # ------------------------------------------------------------------ step
+
+    def _init_state(self, params: list[Tensor]) -> dict[str, Any]:
+        layout = self.layout(params)
+        flat = torch.cat([p.detach().reshape(-1).float() for p in params])
+        gen = torch.Generator().manual_seed(self.seed)
+        hrnn = self.lopt.init_state(layout, theta=flat, generator=gen, dtype=self.state_dtype)
+        st: dict[str, Any] = {k: getattr(hrnn, k) for k in _TENSOR_FIELDS}
+        if st["theta"] is not None:
+            st["theta"] = st["theta"].float()  # the true parameters never lose precision
+        st.update(step=0, skipped=0, sizes=[p.numel() for p in params])
+        return st
+
+    @staticmethod
+    def _check_grad(p: Tensor) -> None:
+        g = p.grad
+        if g.is_sparse or g.layout != torch.strided:
+            raise RuntimeError(
+                "HierarchicalRNNOptimizer does not support sparse gradients; use dense gradients "
+                "(e.g. nn.Embedding(sparse=False)) or a sparse optimizer such as torch.optim.SparseAdam."
+            )
+        if g.is_complex() or p.is_complex():
+            raise RuntimeError(
+                "HierarchicalRNNOptimizer does not support complex parameters or gradients; "
+                "optimise torch.view_as_real(param) instead."
+            )
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        """Take one step.
+
+        Args:
+            closure: Re-evaluates the model and returns the loss (Lightning's automatic
+                optimization passes one); gradients are read after it runs.
+
+        Returns:
+            The closure's loss, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self._training and self.lopt.attention:
+            raise RuntimeError(
+                "HierarchicalRNNOptimizer.step() was called in eval mode, where the model holds the true "
+                "parameters, not the attended point. Call optimizer.train() before the training forward pass "
+                "(lightning_lopt.callbacks.EvalWithTrueParameters does this in a Trainer)."
+            )
+        params = self.params
+        if not params:
+            return loss
+        device = params[0].device
+        if next(self.lopt.parameters()).device != device:
+            self.lopt.to(device)
+        st = self.state.get(STATE_KEY)
+        if st is None:
+            st = self.state[STATE_KEY] = self._init_state(params)
+
+        active = [i for i, p in enumerate(params) if p.grad is not None]
+        if not active:
+            return loss
+        for i in active:
+            self._check_grad(params[i])
+        act_params = [params[i] for i in active]
+        grad = torch.cat([p.grad.reshape(-1).float() for p in act_params])
+        if not bool(torch.isfinite(grad).all()):
+            st["skipped"] += 1
+            if not self._warned_nonfinite:
+                warnings.warn(
+                    "HierarchicalRNNOptimizer skipped a step with a non-finite gradient; parameters and state "
+                    "are unchanged. Further skips are counted in optimizer.skipped_steps without a warning.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._warned_nonfinite = True
+            self._diagnostics_requested = False
+            return loss
+
+        group_of = [gi for gi, group in enumerate(self.param_groups) for _ in group["params"]]
+        lr = torch.tensor([self.param_groups[group_of[i]]["lr"] for i in active], device=device)
+        wd = torch.tensor([self.param_groups[group_of[i]]["weight_decay"] for i in active], device=device)
+        point = torch.cat([p.detach().reshape(-1).float() for p in act_params])
+
+        full = len(active) == len(params)
+        state = HRNNState(*(st[k] for k in _TENSOR_FIELDS))
+        if full:
+            layout = self.layout(params)
+            index = None
+        else:
+            # Only the tensors that have gradients take part; the others keep their state.
+            layout = self.layout(act_params)
+            bounds = torch.tensor([0] + [p.numel() for p in params], device=device).cumsum(0)
+            index = torch.cat([torch.arange(int(bounds[i]), int(bounds[i + 1]), device=device) for i in active])
+            state = state._replace(
+                **{
+                    k: getattr(state, k).index_select(0, index)
+                    for k in ("h_param", "momentum", "mean_square", "beta_in", "beta_sc", "log_lr")
+                },
+                theta=None if state.theta is None else state.theta.index_select(0, index),
+                h_tensor=state.h_tensor.index_select(0, torch.tensor(active, device=device)),
+            )
+
+        diagnostics = self._diagnostics_requested
+        out = self.lopt.step(state, point, grad, layout, lr=lr, weight_decay=wd, diagnostics=diagnostics)
+        new = out.state
+        if full:
+            for k in _TENSOR_FIELDS:
+                if st[k] is not None:
+                    st[k].copy_(getattr(new, k))
+        else:
+            for k in ("h_param", "momentum", "mean_square", "beta_in", "beta_sc", "log_lr", "theta"):
+                if st[k] is not None:
+                    st[k].index_copy_(0, index, getattr(new, k).to(st[k].dtype))
+            st["h_tensor"].index_copy_(0, torch.tensor(active, device=device), new.h_tensor)
+            st["h_global"].copy_(new.h_global)
+        torch._foreach_copy_([p.data for p in act_params], self._split(out.point, act_params))
+        st["step"] += 1
+        self.last_diagnostics = out.diagnostics if diagnostics else None
+        self._diagnostics_requested = False
+        return loss
+
+    def __repr__(self) -> str:
+        groups = ", ".join(f"(lr={g['lr']}, weight_decay={g['weight_decay']}, n={len(g['params'])})" for g in self.param_groups)
+        return f"HierarchicalRNNOptimizer(attention={self.lopt.attention}, groups=[{groups}])"
