@@ -1,0 +1,525 @@
+"""``MetaTrainingModule``: meta-train the hierarchical RNN by truncated unrolls over sampled tasks."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from lightning_lopt.hrnn import HierarchicalRNN, HRNNState, Layout, StepDiagnostics
+from lightning_lopt.tasks import Task, TaskDistribution
+
+__all__ = ["MetaTrainingModule", "TaskSlot", "run_inner", "meta_objective_terms"]
+
+
+def _split_params(flat: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor]:
+    sizes = [math.prod(s) for s in shapes]
+    return [v.view(s) for v, s in zip(flat.split(sizes), shapes)]
+
+
+def meta_objective_terms(loss: Tensor, initial_loss: Tensor) -> Tensor:
+    """``log(f_t / (f_0 + 1e-6) + 1e-6)``: invariant to the loss's scale, rewards exact convergence."""
+    return torch.log(loss / (initial_loss + 1e-6) + 1e-6)
+
+
+@dataclass
+class TaskSlot:
+    """One task in flight: its parameters, optimizer state and position in its unroll."""
+
+    seed: int
+    task: Task
+    length: int
+    shapes: list[torch.Size]
+    generator: torch.Generator
+    point: Optional[Tensor] = None  # flat, where the next gradient is taken
+    state: Optional[HRNNState] = None
+    initial_loss: Optional[Tensor] = None
+    steps_done: int = 0
+    last_loss: float = float("nan")
+    diverged: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def numel(self) -> int:
+        """Number of scalar parameters of the task."""
+        return sum(math.prod(s) for s in self.shapes)
+
+    @property
+    def finished(self) -> bool:
+        """True once the task has run its length or diverged."""
+        return self.diverged or self.steps_done >= self.length
+
+
+def _cat_states(states: Sequence[HRNNState]) -> HRNNState:
+    return HRNNState(
+        *(None if getattr(states[0], k) is None else torch.cat([getattr(s, k) for s in states]) for k in HRNNState._fields)
+    )
+
+
+def _split_state(state: HRNNState, numels: Sequence[int], tensors: Sequence[int]) -> list[HRNNState]:
+    per_element = {
+        k: getattr(state, k).split(list(numels)) if getattr(state, k) is not None else [None] * len(numels)
+        for k in ("h_param", "momentum", "mean_square", "beta_in", "beta_sc", "log_lr", "theta")
+    }
+    h_tensor = state.h_tensor.split(list(tensors))
+    h_global = state.h_global.split(1)
+    return [
+        HRNNState(**{k: v[i] for k, v in per_element.items()}, h_tensor=h_tensor[i], h_global=h_global[i])
+        for i in range(len(numels))
+    ]
+
+
+def _batch_layout(slots: Sequence[TaskSlot], device: torch.device) -> Layout:
+    sizes = [math.prod(s) for slot in slots for s in slot.shapes]
+    problems = [i for i, slot in enumerate(slots) for _ in slot.shapes]
+    return Layout.build(sizes, problems, device=device)
+
+
+def _losses(slots: Sequence[TaskSlot], flat: Tensor, batches: Sequence[Any]) -> list[Tensor]:
+    out, offset = [], 0
+    for slot, batch in zip(slots, batches):
+        n = slot.numel
+        out.append(slot.task.checked_loss(_split_params(flat[offset : offset + n], slot.shapes), batch))
+        offset += n
+    return out
+
+
+def _transform_grads(slots: Sequence[TaskSlot], grad: Tensor) -> Tensor:
+    parts, offset = [], 0
+    for slot in slots:
+        n = slot.numel
+        g = _split_params(grad[offset : offset + n], slot.shapes)
+        parts.extend(t.reshape(-1) for t in slot.task.transform_grads(g, slot.generator))
+        offset += n
+    return torch.cat(parts)
+
+
+def run_inner(
+    lopt: HierarchicalRNN,
+    slots: Sequence[TaskSlot],
+    num_steps: int,
+    second_order: bool = False,
+    device: Union[torch.device, str] = "cpu",
+    diagnostics_at: Optional[int] = None,
+) -> tuple[Optional[Tensor], list[list[float]], Optional[StepDiagnostics]]:
+    """Advance every slot by up to ``num_steps`` inner steps with the differentiable update rule.
+
+    All slots are stepped together in one flat vector, one problem per task. Slots must have their
+    ``point``, ``state`` and ``initial_loss`` set. The unroll stops early, before the step whose
+    loss is non-finite; the slots that went non-finite are marked ``diverged``.
+
+    Args:
+        lopt: The meta-parameters.
+        slots: Tasks in flight (updated in place, detached at the end).
+        num_steps: Truncation length.
+        second_order: Backpropagate through the task's gradients (else they are inputs).
+        device: Where to compute.
+        diagnostics_at: Inner step index at which to return the update rule's diagnostics.
+
+    Returns:
+        ``(meta_loss, losses, diagnostics)``: the mean meta-objective over steps and tasks (None if
+        no step completed), each slot's losses at the true parameters per step, and diagnostics.
+    """
+    layout = _batch_layout(slots, torch.device(device))
+    state = _cat_states([s.state for s in slots])
+    point = torch.cat([s.point for s in slots])
+    initial = torch.stack([s.initial_loss for s in slots])
+    terms: list[Tensor] = []
+    history: list[list[float]] = [[] for _ in slots]
+    diag = None
+    steps = min(num_steps, max(s.length - s.steps_done for s in slots))
+    for t in range(steps):
+        batches = [s.task.sample_batch(s.generator) for s in slots]
+        batches = [_to_device(b, device) for b in batches]
+        at = point if (second_order and point.requires_grad) else point.detach().requires_grad_()
+        with torch.enable_grad():
+            loss_at_point = torch.stack(_losses(slots, at, batches)).sum()
+            (grad,) = torch.autograd.grad(loss_at_point, at, create_graph=second_order)
+        if not torch.isfinite(grad).all():
+            _mark_nonfinite(slots, grad)
+            break
+        grad = _transform_grads(slots, grad)
+        out = lopt.step(state, point, grad, layout, diagnostics=(t == diagnostics_at))
+        theta = out.state.theta if lopt.attention else out.point
+        losses = torch.stack(_losses(slots, theta, batches))
+        if not torch.isfinite(losses).all() or not torch.isfinite(out.point).all():
+            for slot, value in zip(slots, losses.detach().tolist()):
+                slot.diverged = slot.diverged or not math.isfinite(value)
+            break
+        if out.diagnostics is not None:
+            diag = out.diagnostics
+        # Tasks past their length keep stepping in the batch but no longer count.
+        active = torch.tensor([s.steps_done + t < s.length for s in slots], device=losses.device)
+        terms.append(torch.where(active, meta_objective_terms(losses, initial), torch.zeros_like(losses)))
+        for i, value in enumerate(losses.detach().tolist()):
+            if slots[i].steps_done + t < slots[i].length:
+                history[i].append(value)
+        state, point = out.state, out.point
+    completed = len(terms)
+    numels = [s.numel for s in slots]
+    tensors = [len(s.shapes) for s in slots]
+    for slot, st, pt, hist in zip(slots, _split_state(state.detach(), numels, tensors), point.detach().split(numels), history):
+        slot.state, slot.point = st, pt
+        slot.steps_done += len(hist)
+        if hist:
+            slot.last_loss = hist[-1]
+    if not completed:
+        return None, history, diag
+    stacked = torch.stack(terms)  # (steps, tasks)
+    counts = torch.tensor([max(len(h), 1) for h in history], device=stacked.device, dtype=stacked.dtype)
+    meta_loss = (stacked.sum(0) / counts).mean()
+    return meta_loss, history, diag
+
+
+def _mark_nonfinite(slots: Sequence[TaskSlot], grad: Tensor) -> None:
+    offset = 0
+    for slot in slots:
+        n = slot.numel
+        if not torch.isfinite(grad[offset : offset + n]).all():
+            slot.diverged = True
+        offset += n
+
+
+def _to_device(batch: Any, device: Union[torch.device, str]) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+class MetaTrainingModule(pl.LightningModule):
+    """Meta-train a :class:`~lightning_lopt.HierarchicalRNN` on a distribution of tasks.
+
+    Each ``training_step`` is one truncation: ``tasks_per_step`` tasks, stepped together in one
+    flat vector by the differentiable update rule for ``truncation_length`` inner steps; the
+    meta-objective (mean of ``log(f_t / f_0)`` at the true parameters) is backpropagated through
+    the truncation with ``manual_backward`` (so DDP averages meta-gradients across ranks).
+    Parameters and optimizer state carry across truncations without gradient; a finished task is
+    replaced by a new one from the seed stream of :class:`~lightning_lopt.meta.TaskDataModule`.
+
+    Args:
+        lopt_config: Arguments of :class:`~lightning_lopt.HierarchicalRNN` (architecture and init).
+        init_weights: Start from these weights (a shipped name, ``.safetensors`` or ``.ckpt``).
+        tasks: The training task distribution.
+        tasks_per_step: Tasks stepped together in each training step.
+        truncation_length: Inner steps per training step.
+        unroll_length_mean: Mean of the exponential part of a partial unroll's length.
+        unroll_length_min: Constant part of a partial unroll's length.
+        num_unrolls_mean: Mean of the exponential part of the number of partial unrolls; a task runs
+            ``(round(Exp(unroll_length_mean)) + unroll_length_min) * (round(Exp(num_unrolls_mean)) + 1)``
+            steps, a heavy-tailed length.
+        max_task_length: Cap on a task's length.
+        curriculum_steps: Meta-steps over which the length distribution grows from
+            ``unroll_length_min`` to the full one (0: no curriculum).
+        second_order: Backpropagate through the tasks' gradients (the paper) or treat them as inputs.
+        meta_optimizer: ``"adam"``, ``"rmsprop"`` or ``"sgd"``.
+        meta_lr: Learning rate of the meta-optimizer.
+        meta_grad_clip_norm: Clip the meta-gradient's norm to this (None: no clipping).
+        meta_grad_clip_value: Clip each meta-gradient element to this (None: no clipping).
+        validation_lengths: Inner steps of the validation tasks, cycled over the validation seeds.
+        validation_adam_lr: Learning rate of the Adam baseline on the validation tasks.
+        num_threads: Intra-op CPU threads per process (None: leave torch's setting). The tasks' tensors
+            are tiny, so one thread per process avoids thread-pool overhead; run one process per core
+            (DDP) to use several cores.
+    """
+
+    def __init__(
+        self,
+        lopt_config: Optional[dict[str, Any]] = None,
+        init_weights: Optional[str] = None,
+        tasks: Optional[TaskDistribution] = None,
+        tasks_per_step: int = 8,
+        truncation_length: int = 16,
+        unroll_length_mean: float = 200.0,
+        unroll_length_min: int = 50,
+        num_unrolls_mean: float = 5.0,
+        max_task_length: int = 5000,
+        curriculum_steps: int = 0,
+        second_order: bool = False,
+        meta_optimizer: str = "adam",
+        meta_lr: float = 3e-4,
+        meta_grad_clip_norm: Optional[float] = 1.0,
+        meta_grad_clip_value: Optional[float] = None,
+        validation_lengths: Sequence[int] = (200, 1000, 3000),
+        validation_adam_lr: float = 1e-3,
+        num_threads: Optional[int] = 1,
+    ) -> None:
+        super().__init__()
+        if meta_optimizer not in ("adam", "rmsprop", "sgd"):
+            raise ValueError(f"meta_optimizer must be 'adam', 'rmsprop' or 'sgd', got {meta_optimizer!r}.")
+        if truncation_length < 1 or tasks_per_step < 1:
+            raise ValueError("truncation_length and tasks_per_step must be >= 1.")
+        self.automatic_optimization = False
+        if init_weights is not None:
+            self.lopt = HierarchicalRNN.from_pretrained(init_weights, **(lopt_config or {}))
+        else:
+            self.lopt = HierarchicalRNN(**(lopt_config or {}))
+        self.save_hyperparameters(ignore=["tasks"])
+        self.hparams["lopt_config"] = self.lopt.config  # what from_pretrained(ckpt) rebuilds
+        self.tasks = tasks if tasks is not None else TaskDistribution()
+        self.slots: list[Optional[TaskSlot]] = [None] * tasks_per_step
+        self.meta_skips = 0
+        self.inner_divergences = 0
+        self.stream_position = 0
+        self._adam_reference: dict[int, float] = {}
+        self._diagnostics_requested = False
+        self.last_diagnostics: Optional[StepDiagnostics] = None
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.num_threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(self.hparams.num_threads)
+
+    # ------------------------------------------------------------------ tasks
+
+    def _task_length(self, gen: torch.Generator) -> int:
+        hp = self.hparams
+        progress = 1.0 if hp.curriculum_steps <= 0 else min(1.0, self.global_step / hp.curriculum_steps)
+
+        def exp_sample(mean: float) -> float:
+            return -mean * math.log(1.0 - torch.rand((), generator=gen).item())
+
+        unroll = round(progress * exp_sample(hp.unroll_length_mean)) + hp.unroll_length_min
+        count = round(progress * exp_sample(hp.num_unrolls_mean)) + 1
+        return int(min(hp.max_task_length, unroll * count))
+
+    def new_slot(self, seed: int, length: Optional[int] = None) -> TaskSlot:
+        """Start the task of ``seed``: parameters, fresh optimizer state and its loss at initialisation."""
+        gen = torch.Generator().manual_seed(int(seed))
+        task = self.tasks.sample(int(seed)).to(self.device)
+        params = [p.to(self.device) for p in task.init_params(gen)]
+        slot = TaskSlot(
+            seed=int(seed),
+            task=task,
+            length=self._task_length(gen) if length is None else length,
+            shapes=[p.shape for p in params],
+            generator=gen,
+        )
+        slot.point = torch.cat([p.reshape(-1) for p in params]).float()
+        layout = Layout.build([p.numel() for p in params], device=self.device)
+        # Differentiable in the learned initial states: the first truncation trains them.
+        slot.state = self.lopt.init_state(layout, theta=slot.point, generator=gen)
+        with torch.no_grad():
+            batch = _to_device(task.sample_batch(gen), self.device)
+            slot.initial_loss = task.checked_loss(_split_params(slot.point, slot.shapes), batch).detach()
+        return slot
+
+    # ------------------------------------------------------------------ training
+
+    def request_diagnostics(self) -> None:
+        """Make the next training step return the update rule's diagnostics in ``last_diagnostics``."""
+        self._diagnostics_requested = True
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        seeds = batch["seeds"].tolist()
+        self.stream_position = int(batch["index"]) + 1
+        for i, slot in enumerate(self.slots):
+            if slot is None or slot.finished:
+                if slot is not None and slot.diverged:
+                    self.inner_divergences += 1
+                self.slots[i] = self.new_slot(seeds[i % len(seeds)])
+        hp = self.hparams
+        start = time.perf_counter()
+        want_diag = self._diagnostics_requested
+        meta_loss, history, diag = run_inner(
+            self.lopt,
+            self.slots,
+            hp.truncation_length,
+            second_order=hp.second_order,
+            device=self.device,
+            diagnostics_at=0 if want_diag else None,
+        )
+        self._diagnostics_requested = False
+        self.last_diagnostics = diag
+        inner_steps = sum(len(h) for h in history)
+        opt = self.optimizers()
+        opt.zero_grad()
+        skipped = True
+        if meta_loss is not None:
+            # Some meta-parameters get no gradient on some steps (the learned initial states only when a
+            # task starts; the attention read-out never in first-order mode, where the gradient at the
+            # attended point is an input). A zero term keeps all in the graph, as DDP's reducer expects.
+            anchor = sum(p.sum() for p in self.lopt.parameters())
+            self.manual_backward(meta_loss + 0.0 * anchor)
+            grads = [p.grad for p in self.lopt.parameters() if p.grad is not None]
+            finite = all(bool(torch.isfinite(g).all()) for g in grads)
+            if finite:
+                if hp.meta_grad_clip_value is not None:
+                    self.clip_gradients(opt, gradient_clip_val=hp.meta_grad_clip_value, gradient_clip_algorithm="value")
+                if hp.meta_grad_clip_norm is not None:
+                    self.clip_gradients(opt, gradient_clip_val=hp.meta_grad_clip_norm, gradient_clip_algorithm="norm")
+                opt.step()
+                skipped = False
+        if skipped:
+            self.meta_skips += 1
+            opt.zero_grad()
+        elapsed = time.perf_counter() - start
+        bs = len(self.slots)
+        metrics = {
+            "meta/skipped_updates": float(self.meta_skips),
+            "meta/inner_divergences": float(self.inner_divergences),
+            "meta/inner_steps_per_s": inner_steps / max(elapsed, 1e-9),
+        }
+        per_family: dict[str, list[float]] = {}
+        for slot in self.slots:
+            if math.isfinite(slot.last_loss) and slot.initial_loss is not None:
+                ratio = math.log(slot.last_loss / (float(slot.initial_loss) + 1e-6) + 1e-6)
+                per_family.setdefault(slot.task.family, []).append(ratio)
+        for fam, values in per_family.items():
+            metrics[f"meta/log_loss_ratio/{fam}"] = sum(values) / len(values)
+        self.log_dict(metrics, batch_size=bs)
+        if meta_loss is not None:
+            self.log("meta/loss", meta_loss.detach(), prog_bar=True, batch_size=bs)
+        return meta_loss.detach() if meta_loss is not None else torch.tensor(float("nan"))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        hp = self.hparams
+        params = self.lopt.parameters()
+        if hp.meta_optimizer == "adam":
+            return torch.optim.Adam(params, lr=hp.meta_lr)
+        if hp.meta_optimizer == "rmsprop":
+            return torch.optim.RMSprop(params, lr=hp.meta_lr)
+        return torch.optim.SGD(params, lr=hp.meta_lr, momentum=0.9)
+
+    # ------------------------------------------------------------------ validation
+
+    def _adam_final_loss(self, seed: int, length: int) -> float:
+        """Train the validation task ``seed`` with Adam; mean loss at the parameters over the last 10%."""
+        slot = self.new_slot(seed, length=length)
+        param = slot.point.detach().clone().requires_grad_()
+        opt = torch.optim.Adam([param], lr=self.hparams.validation_adam_lr)
+        tail = max(1, length // 10)
+        losses: list[float] = []
+        for t in range(length):
+            batch = _to_device(slot.task.sample_batch(slot.generator), self.device)
+            with torch.enable_grad():
+                loss = slot.task.checked_loss(_split_params(param, slot.shapes), batch)
+                (g,) = torch.autograd.grad(loss, param)
+            g = _transform_grads([slot], g)
+            if not torch.isfinite(g).all():
+                return float("inf")
+            param.grad = g
+            opt.step()
+            with torch.no_grad():
+                value = float(slot.task.checked_loss(_split_params(param, slot.shapes), batch))
+            if not math.isfinite(value):
+                return float("inf")
+            if t >= length - tail:
+                losses.append(value)
+        return sum(losses) / len(losses)
+
+    @torch.no_grad()
+    def learned_final_losses(self, seeds: Sequence[int], lengths: Sequence[int], chunk: int = 200) -> list[float]:
+        """Train the tasks of ``seeds`` together with the current update rule (no gradient).
+
+        Returns each task's mean loss at the true parameters over the last 10% of its steps
+        (``inf`` for a task that diverged).
+        """
+        slots = [self.new_slot(s, length=n) for s, n in zip(seeds, lengths)]
+        histories: list[list[float]] = [[] for _ in slots]
+        running = list(range(len(slots)))
+        while running:
+            _, hist, _ = run_inner(self.lopt, [slots[i] for i in running], chunk, device=self.device)
+            for i, h in zip(running, hist):
+                histories[i].extend(h)
+            running = [i for i in running if not slots[i].finished]
+        finals = []
+        for slot, hist in zip(slots, histories):
+            if slot.diverged or len(hist) < slot.length:
+                finals.append(float("inf"))
+            else:
+                tail = hist[-max(1, slot.length // 10) :]
+                finals.append(sum(tail) / len(tail))
+        return finals
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        lengths = list(self.hparams.validation_lengths)
+        seeds = batch.tolist()
+        task_lengths = [lengths[i % len(lengths)] for i in range(len(seeds))]
+        mine = self.learned_final_losses(seeds, task_lengths)
+        ratios = []
+        for i, (seed, length) in enumerate(zip(seeds, task_lengths)):
+            key = (seed, length)
+            if key not in self._adam_reference:
+                self._adam_reference[key] = self._adam_final_loss(seed, length)
+            ref = self._adam_reference[key]
+            # A diverged run counts as a large, finite penalty so that the mean stays comparable.
+            ratio = math.log((mine[i] + 1e-12) / (ref + 1e-12)) if math.isfinite(mine[i]) else 50.0
+            ratios.append(min(ratio, 50.0))
+            self.log(f"val/log_ratio_vs_adam/task_{i}_{length}", ratios[-1], batch_size=1, sync_dist=True)
+        self.log("val/log_ratio_vs_adam", sum(ratios) / len(ratios), prog_bar=True, batch_size=1, sync_dist=True)
+
+    # ------------------------------------------------------------------ checkpoints and export
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        slots = []
+        for slot in self.slots:
+            if slot is None:
+                slots.append(None)
+                continue
+            slots.append(
+                {
+                    "seed": slot.seed,
+                    "length": slot.length,
+                    "steps_done": slot.steps_done,
+                    "diverged": slot.diverged,
+                    "last_loss": slot.last_loss,
+                    "generator": slot.generator.get_state(),
+                    "point": slot.point.detach().cpu(),
+                    "initial_loss": slot.initial_loss.detach().cpu(),
+                    "state": {k: (None if v is None else v.detach().cpu()) for k, v in slot.state._asdict().items()},
+                }
+            )
+        checkpoint["meta_slots"] = slots
+        checkpoint["meta_counters"] = {
+            "meta_skips": self.meta_skips,
+            "inner_divergences": self.inner_divergences,
+            "stream_position": self.stream_position,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        counters = checkpoint.get("meta_counters", {})
+        self.meta_skips = int(counters.get("meta_skips", 0))
+        self.inner_divergences = int(counters.get("inner_divergences", 0))
+        self.stream_position = int(counters.get("stream_position", 0))
+        self._pending_slots = checkpoint.get("meta_slots")
+
+    def on_train_start(self) -> None:
+        pending = getattr(self, "_pending_slots", None)
+        if not pending:
+            return
+        self.slots = [None if s is None else self._restore_slot(s) for s in pending]
+        self._pending_slots = None
+
+    def _restore_slot(self, saved: dict[str, Any]) -> TaskSlot:
+        gen = torch.Generator()
+        gen.set_state(saved["generator"])
+        task = self.tasks.sample(int(saved["seed"])).to(self.device)
+        shapes = [p.shape for p in task.init_params(torch.Generator().manual_seed(0))]
+        st = HRNNState(**{k: (None if v is None else v.to(self.device)) for k, v in saved["state"].items()})
+        return TaskSlot(
+            seed=int(saved["seed"]),
+            task=task,
+            length=int(saved["length"]),
+            shapes=shapes,
+            generator=gen,
+            point=saved["point"].to(self.device),
+            state=st,
+            initial_loss=saved["initial_loss"].to(self.device),
+            steps_done=int(saved["steps_done"]),
+            last_loss=float(saved["last_loss"]),
+            diverged=bool(saved["diverged"]),
+        )
+
+    def export(self, path: Union[str, Path], card: Optional[dict[str, Any]] = None) -> Path:
+        """Write the current meta-parameters with :meth:`HierarchicalRNN.save_pretrained`."""
+        info = {"meta_steps": int(self.global_step), "meta_training": {k: v for k, v in self.hparams.items()}}
+        return self.lopt.save_pretrained(path, card={**info, **(card or {})})

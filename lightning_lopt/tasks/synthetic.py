@@ -1,0 +1,328 @@
+"""Synthetic problem families of the paper's meta-training set (spec section 6).
+
+Every task builds its fixed data from ``seed`` in the constructor (CPU, float32) and draws initial
+parameters and minibatches only from the generators it is given, so a task is reproducible from
+its constructor arguments alone.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_lopt.tasks.base import Task, make_generator, randn, sample_rows, uniform
+
+__all__ = [
+    "QuadraticTask",
+    "LargeQuadraticTask",
+    "BowlTask",
+    "NormTask",
+    "LogisticRegressionTask",
+    "MLPTask",
+    "MatMulAlgorithmTask",
+]
+
+
+class QuadraticTask(Task):
+    """Quadratic ``0.5 * ||W x - y||^2`` with a random square ``W`` and ``y = W x*``.
+
+    The minimum is exactly 0 (at ``x*``); a random Gaussian ``W`` makes the conditioning vary
+    widely between seeds, as in the paper.
+
+    Args:
+        dim: Dimension of ``x`` (the paper uses 20-100).
+        seed: Seed of ``W`` and ``x*``.
+    """
+
+    family = "quadratic"
+
+    def __init__(self, dim: int = 50, seed: int = 0) -> None:
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}.")
+        self.dim = int(dim)
+        self.seed = int(seed)
+        g = make_generator(seed)
+        self.W = randn((dim, dim), g, std=1.0 / math.sqrt(dim))
+        self.y = self.W @ randn((dim,), g)
+
+    def init_params(self, generator: torch.Generator) -> list[Tensor]:
+        """``x ~ N(0, I)``."""
+        return [randn((self.dim,), generator).to(self.W.device)]
+
+    def loss(self, params: Sequence[Tensor], batch: Any = None) -> Tensor:
+        """``0.5 * ||W x - y||^2``."""
+        r = self.W @ params[0] - self.y
+        return 0.5 * (r * r).sum()
+
+
+class LargeQuadraticTask(QuadraticTask):
+    """The paper's large quadratics (784-2048 dimensions); costly, so off by default in sampling.
+
+    Args:
+        dim: Dimension of ``x``.
+        seed: Seed of ``W`` and ``x*``.
+    """
+
+    family = "quadratic_large"
+
+    def __init__(self, dim: int = 784, seed: int = 0) -> None:
+        super().__init__(dim=dim, seed=seed)
+
+
+class BowlTask(Task):
+    """Rotated 2-D quadratic bowl ``0.5 * (u_1^2 + condition * u_2^2)``, ``u = R(angle) (x - c)``.
+
+    Args:
+        condition: Curvature of the second principal axis relative to the first (paper: 0.1-5).
+        angle: Rotation of the principal axes in radians.
+        seed: Seed of the centre ``c``.
+    """
+
+    family = "bowl"
+
+    def __init__(self, condition: float = 1.0, angle: float = 0.0, seed: int = 0) -> None:
+        if condition <= 0:
+            raise ValueError(f"condition must be > 0, got {condition}.")
+        self.condition = float(condition)
+        self.angle = float(angle)
+        self.seed = int(seed)
+        c, s = math.cos(angle), math.sin(angle)
+        self.rotation = torch.tensor([[c, -s], [s, c]], dtype=torch.float32)
+        self.center = randn((2,), make_generator(seed))
+        self.curvature = torch.tensor([1.0, self.condition], dtype=torch.float32)
+
+    def init_params(self, generator: torch.Generator) -> list[Tensor]:
+        """``x ~ N(0, 4 I)``, about two units from the centre."""
+        return [randn((2,), generator, std=2.0).to(self.center.device)]
+
+    def loss(self, params: Sequence[Tensor], batch: Any = None) -> Tensor:
+        """``0.5 * sum_i curvature_i * u_i^2``."""
+        u = self.rotation @ (params[0] - self.center)
+        return 0.5 * (self.curvature * u * u).sum()
+
+
+class NormTask(Task):
+    """Norm problem ``||W x - y||_p^p`` with ``y = W x*`` (minimum exactly 0).
+
+    Args:
+        dim: Dimension of ``x``.
+        p: Exponent (the paper uses 1, 2 and 3).
+        seed: Seed of ``W`` and ``x*``.
+    """
+
+    family = "norm"
+
+    def __init__(self, dim: int = 20, p: float = 2.0, seed: int = 0) -> None:
+        if dim < 1 or p <= 0:
+            raise ValueError(f"need dim >= 1 and p > 0, got dim={dim}, p={p}.")
+        self.dim = int(dim)
+        self.p = float(p)
+        self.seed = int(seed)
+        g = make_generator(seed)
+        self.W = randn((dim, dim), g, std=1.0 / math.sqrt(dim))
+        self.y = self.W @ randn((dim,), g)
+
+    def init_params(self, generator: torch.Generator) -> list[Tensor]:
+        """``x ~ N(0, I)``."""
+        return [randn((self.dim,), generator).to(self.W.device)]
+
+    def loss(self, params: Sequence[Tensor], batch: Any = None) -> Tensor:
+        """``sum_i |W x - y|_i^p``."""
+        return (self.W @ params[0] - self.y).abs().pow(self.p).sum()
+
+
+class _DataTask(Task):
+    """A task with a fixed training set ``(x, y)`` and uniform minibatches (with replacement).
+
+    ``loss(params, None)`` is the loss on the whole training set.
+    """
+
+    x: Tensor
+    y: Tensor
+    batch_size: int
+
+    def sample_batch(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """A minibatch ``(x, y)`` of ``batch_size`` rows, on the task's device."""
+        idx = sample_rows(generator, self.x.shape[0], self.batch_size, self.x.device)
+        return self.x[idx], self.y[idx]
+
+    def _data(self, batch: Optional[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        return (self.x, self.y) if batch is None else batch
+
+
+class LogisticRegressionTask(_DataTask):
+    """Binary logistic regression on synthetic data labelled by a noisy linear teacher.
+
+    Labels are Bernoulli draws from the teacher's probabilities, so the data are not separable and
+    the minimum loss is positive.
+
+    Args:
+        features: Number of input features (paper: 10-256).
+        num_samples: Size of the fixed training set.
+        batch_size: Minibatch size of :meth:`sample_batch`.
+        seed: Seed of the data.
+    """
+
+    family = "logistic_regression"
+
+    def __init__(self, features: int = 32, num_samples: int = 512, batch_size: int = 32, seed: int = 0) -> None:
+        if features < 1 or num_samples < 1 or batch_size < 1:
+            raise ValueError("features, num_samples and batch_size must be >= 1.")
+        self.features = int(features)
+        self.num_samples = int(num_samples)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        g = make_generator(seed)
+        self.x = randn((num_samples, features), g)
+        # Teacher logits of unit-ish scale keep the labels informative but noisy.
+        teacher = randn((features,), g, std=2.0 / math.sqrt(features))
+        bias = float(randn((1,), g, std=0.5))
+        prob = torch.sigmoid(self.x @ teacher + bias)
+        self.y = (torch.rand(num_samples, generator=g) < prob).to(torch.float32)
+
+    def init_params(self, generator: torch.Generator) -> list[Tensor]:
+        """Weights ``N(0, 1/features)`` of shape ``(features,)`` and a zero bias of shape ``(1,)``."""
+        w = randn((self.features,), generator, std=1.0 / math.sqrt(self.features))
+        return [w.to(self.x.device), torch.zeros(1, device=self.x.device)]
+
+    def loss(self, params: Sequence[Tensor], batch: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+        """Mean binary cross-entropy of the logits ``x @ w + b``."""
+        x, y = self._data(batch)
+        return F.binary_cross_entropy_with_logits(x @ params[0] + params[1], y)
+
+
+class MLPTask(_DataTask):
+    """Small sigmoid MLP classifying Gaussian inputs labelled by a random teacher network.
+
+    The teacher has the student's architecture with larger weights, so the labels are a
+    learnable, non-linear function of the inputs; the loss is the mean cross-entropy.
+
+    Args:
+        input_dim: Number of input features.
+        hidden_sizes: Widths of the hidden layers.
+        num_classes: Number of classes.
+        num_samples: Size of the fixed training set.
+        batch_size: Minibatch size of :meth:`sample_batch`.
+        seed: Seed of the teacher and the data.
+    """
+
+    family = "mlp"
+
+    def __init__(
+        self,
+        input_dim: int = 8,
+        hidden_sizes: Sequence[int] = (16,),
+        num_classes: int = 3,
+        num_samples: int = 512,
+        batch_size: int = 32,
+        seed: int = 0,
+    ) -> None:
+        if input_dim < 1 or num_classes < 2 or any(h < 1 for h in hidden_sizes):
+            raise ValueError("need input_dim >= 1, num_classes >= 2 and positive hidden sizes.")
+        self.input_dim = int(input_dim)
+        self.hidden_sizes = tuple(int(h) for h in hidden_sizes)
+        self.num_classes = int(num_classes)
+        self.num_samples = int(num_samples)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        g = make_generator(seed)
+        self.x = randn((num_samples, input_dim), g)
+        teacher = self._random_params(g, weight_gain=3.0, bias_std=1.0)
+        self.y = self._forward(teacher, self.x).argmax(dim=1)
+
+    @property
+    def _sizes(self) -> list[int]:
+        return [self.input_dim, *self.hidden_sizes, self.num_classes]
+
+    def _random_params(self, generator: torch.Generator, weight_gain: float, bias_std: float) -> list[Tensor]:
+        params = []
+        for fan_in, fan_out in zip(self._sizes[:-1], self._sizes[1:]):
+            params.append(randn((fan_out, fan_in), generator, std=weight_gain / math.sqrt(fan_in)))
+            params.append(randn((fan_out,), generator, std=bias_std))
+        return params
+
+    @staticmethod
+    def _forward(params: Sequence[Tensor], x: Tensor) -> Tensor:
+        h = x
+        n_layers = len(params) // 2
+        for i in range(n_layers):
+            h = F.linear(h, params[2 * i], params[2 * i + 1])
+            if i < n_layers - 1:
+                h = torch.sigmoid(h)
+        return h
+
+    def init_params(self, generator: torch.Generator) -> list[Tensor]:
+        """Weights ``(out, in)`` drawn ``N(0, 1/fan_in)`` and zero biases ``(out,)``, per layer."""
+        params = self._random_params(generator, weight_gain=1.0, bias_std=0.0)
+        return [p.to(self.x.device) for p in params]
+
+    def loss(self, params: Sequence[Tensor], batch: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+        """Mean cross-entropy of the MLP's logits."""
+        x, y = self._data(batch)
+        return F.cross_entropy(self._forward(params, x), y)
+
+
+class MatMulAlgorithmTask(Task):
+    """Learn a bilinear algorithm with ``rank`` multiplications for ``n x n`` matrix products.
+
+    The algorithm computes ``m = (U vec A) * (V vec B)`` (``rank`` products) and
+    ``vec C = W m``; the loss is its mean squared error against ``A @ B`` on random Gaussian
+    matrices. With ``rank`` at least the tensor rank (7 for ``n = 2``, Strassen; at most 23 for
+    ``n = 3``) the minimum is 0. ``loss(params, None)`` is the exact expectation over Gaussian
+    matrices, ``||T_hat - T||_F^2`` for the algorithm's tensor ``T_hat``.
+
+    Args:
+        n: Matrix size.
+        rank: Number of multiplications of the algorithm.
+        batch_size: Number of random matrix pairs per minibatch.
+        init_scale: Standard deviation of the initial factors.
+        seed: Unused by the data (the target tensor is fixed); kept for a uniform constructor.
+    """
+
+    family = "matmul"
+
+    def __init__(self, n: int = 2, rank: int = 7, batch_size: int = 32, init_scale: float = 0.5, seed: int = 0) -> None:
+        if n < 1 or rank < 1 or batch_size < 1:
+            raise ValueError("n, rank and batch_size must be >= 1.")
+        self.n = int(n)
+        self.rank = int(rank)
+        self.batch_size = int(batch_size)
+        self.init_scale = float(init_scale)
+        self.seed = int(seed)
+        nn = n * n
+        # T[(i,k), (k,j), (i,j)] = 1 encodes C_ij = sum_k A_ik B_kj on row-major vectorisations.
+        self.target = torch.zeros(nn, nn, nn)
+        for i in range(n):
+            for j in range(n):
+                for k in range(n):
+                    self.target[i * n + k, k * n + j, i * n + j] = 1.0
+
+    def init_params(self, generator: torch.Generator) -> list[Tensor]:
+        """Factors ``U (rank, n^2)``, ``V (rank, n^2)``, ``W (n^2, rank)``, each ``N(0, init_scale^2)``."""
+        nn, dev = self.n * self.n, self.target.device
+        return [
+            randn((self.rank, nn), generator, self.init_scale).to(dev),
+            randn((self.rank, nn), generator, self.init_scale).to(dev),
+            randn((nn, self.rank), generator, self.init_scale).to(dev),
+        ]
+
+    def sample_batch(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Random Gaussian matrices ``A, B`` of shape ``(batch_size, n, n)``."""
+        shape = (self.batch_size, self.n, self.n)
+        dev = self.target.device
+        return randn(shape, generator).to(dev), randn(shape, generator).to(dev)
+
+    def loss(self, params: Sequence[Tensor], batch: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+        """Mean over the batch of ``||C_hat - A B||^2`` (exact expectation when ``batch`` is None)."""
+        u, v, w = params
+        if batch is None:
+            t_hat = torch.einsum("rp,rq,cr->pqc", u, v, w)
+            return ((t_hat - self.target) ** 2).sum()
+        a, b = batch
+        m = (a.flatten(1) @ u.T) * (b.flatten(1) @ v.T)
+        err = m @ w.T - (a @ b).flatten(1)
+        return (err * err).sum(dim=1).mean()
