@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Sequence, Union
@@ -213,7 +214,9 @@ class StepOutput(NamedTuple):
 def _straight_through_clamp(x: Tensor, low: float, high: float) -> Tensor:
     # Forward clamps; backward passes the gradient through unchanged, so a learning rate that hits
     # the bound still receives a signal to come back.
-    return x + (x.clamp(low, high) - x).detach()
+    # Written so that the forward value is exactly the clamped one even when |x| >> bounds (the
+    # form x + (clamp(x) - x).detach() cancels catastrophically there).
+    return x.clamp(low, high).detach() + (x - x.detach())
 
 
 class HierarchicalRNN(nn.Module):
@@ -402,17 +405,36 @@ class HierarchicalRNN(nn.Module):
             ``(z, x, momentum, mean_square)``: the ``3K`` features, the rescaled momenta ``x_s``
             and the new accumulators.
         """
+        z, x, m, v = _features(self._constants(), grad, momentum, mean_square, beta_in, beta_sc, rel_log_lr)
+        return torch.stack(z, -1), torch.stack(x, -1), torch.stack(m, -1), torch.stack(v, -1)
+
+    def _constants(self) -> _Constants:
+        low, high = self.log_lr_bounds
+        return _Constants(self.param_units, self.num_timescales, self.attention, self.ms_epsilon, self.epsilon, low, high)
+
+    def _element_weights(self, dtype: torch.dtype) -> dict[str, Tensor]:
+        """The meta-parameters the element-level part reads, packed (differentiably) for it."""
         k = self.num_timescales
-        exponents = torch.pow(2.0, -torch.arange(k, dtype=grad.dtype, device=grad.device))
-        betas = beta_in.unsqueeze(-1) ** exponents
-        momentum = (1.0 - betas) * grad.unsqueeze(-1) + betas * momentum
-        bsc = beta_sc.unsqueeze(-1)
-        mean_square = (1.0 - bsc) * (momentum.square() + self.ms_epsilon) + bsc * mean_square
-        x = torch.asinh(momentum * torch.rsqrt(mean_square + self.epsilon))
-        log_ms = torch.log(mean_square + self.epsilon)
-        rel_log_ms = log_ms - log_ms.mean(-1, keepdim=True)
-        z = torch.cat([x, x[:, :-1] * x[:, 1:], rel_log_ms, rel_log_lr.unsqueeze(-1)], dim=-1)
-        return z, x, momentum, mean_square
+        heads = [self.w_direction, self.w_log_lr, self.w_beta_sc, self.w_beta_in]
+        shortcuts = [self.shortcut_direction] + [torch.zeros_like(self.shortcut_direction)] * 3
+        biases = [torch.zeros_like(self.b_log_lr), self.b_log_lr, self.b_beta_sc, self.b_beta_in]
+        if self.attention:
+            heads.append(self.w_attention)
+            shortcuts.append(self.shortcut_attention)
+            biases.append(torch.zeros_like(self.b_log_lr))
+        read_out = torch.cat([torch.stack(heads, 1), torch.stack(shortcuts, 1)], 0)
+        assert read_out.shape[0] == self.param_units + k
+        cell = self.param_rnn
+        return {
+            "w_gates": cell.weight_gates.to(dtype),
+            "b_gates": cell.bias_gates.to(dtype),
+            "w_cand": cell.weight_candidate.to(dtype),
+            "b_cand": cell.bias_candidate.to(dtype),
+            "w_out": read_out.to(dtype),
+            "b_out": torch.stack(biases).to(dtype),
+            "keep": torch.sigmoid(self.lr_smoothing).to(dtype),
+            "offset": self.step_offset.to(dtype),
+        }
 
     def step(
         self,
@@ -423,8 +445,19 @@ class HierarchicalRNN(nn.Module):
         lr: Union[float, Tensor] = 1.0,
         weight_decay: Union[float, Tensor] = 0.0,
         diagnostics: bool = False,
+        chunk_size: Optional[int] = None,
+        compile: bool = False,
+        out: Optional[HRNNState] = None,
+        out_point: Optional[Tensor] = None,
     ) -> StepOutput:
         """One optimizer step over a flat vector. Pure and differentiable.
+
+        The step has three parts: a per-tensor prelude (the problem-mean log learning rate and the
+        biases the tensor and global states inject into the parameter RNN), an element-level part
+        (features, parameter RNN, read-outs; see :func:`_element_update`) and a per-tensor
+        epilogue (RMS normalisation of the directions, tensor and global RNNs). Without autograd,
+        the element-level part runs over fixed-size chunks of the flat buffers, so that its
+        temporaries stay in cache, optionally compiled; every path computes the same function.
 
         Args:
             state: The optimizer state (see :meth:`init_state`).
@@ -435,81 +468,129 @@ class HierarchicalRNN(nn.Module):
             lr: Multiplier of the learned step: a float or a per-tensor ``(T,)`` tensor.
             weight_decay: Decoupled weight decay (scaled by ``lr``): a float or per-tensor ``(T,)``.
             diagnostics: Also return a :class:`StepDiagnostics`.
+            chunk_size: Elements per chunk of the element-level part when autograd is off
+                (``None``: :data:`DEFAULT_CHUNK`; ``0``: one chunk). With autograd on, or with
+                ``diagnostics``, the step always runs as one chunk.
+            compile: Run the element-level part through ``torch.compile`` (inductor). Falls back
+                to eager, with one warning, where compiling fails.
+            out: Buffers for the new state (may be ``state`` itself, updated in place); only
+                used without autograd. The returned state is then ``out``.
+            out_point: Buffer for the returned point (may alias ``point``), likewise.
         """
-        tid, pid = layout.tensor_ids, layout.problem_ids
         dtype = point.dtype
-        h_param, momentum, mean_square = state.h_param.to(dtype), state.momentum.to(dtype), state.mean_square.to(dtype)
-        beta_in, beta_sc, log_lr = state.beta_in.to(dtype), state.beta_sc.to(dtype), state.log_lr.to(dtype)
+        cst = self._constants()
+        hp, t_count = cst.param_units, layout.num_tensors
+        tid, pid = layout.tensor_ids, layout.problem_ids
+        grad_mode = torch.is_grad_enabled()
+        if grad_mode or diagnostics:
+            chunk_size, out, out_point = 0, None, None
+        chunk = layout.numel if not chunk_size else int(chunk_size)
+
+        # ---- prelude (per tensor): problem-mean log lr, injected biases, lr and decay per tensor.
+        log_lr = state.log_lr
+        lr_sum_t = torch.zeros(t_count, dtype=dtype, device=point.device).index_add(0, tid, log_lr.to(dtype))
+        lr_mean_p = lr_sum_t.new_zeros(layout.num_problems).index_add(0, pid, lr_sum_t) / layout.problem_elements.to(dtype)
         h_tensor, h_global = state.h_tensor.to(dtype), state.h_global.to(dtype)
-
-        # Log lr relative to its mean over the whole problem (element-weighted).
-        lr_sum_t = log_lr.new_zeros(layout.num_tensors).index_add(0, tid, log_lr)
-        lr_mean_p = log_lr.new_zeros(layout.num_problems).index_add(0, pid, lr_sum_t) / layout.problem_elements
-        rel_log_lr = log_lr - lr_mean_p[pid][tid]
-
-        z, x, momentum, mean_square = self.features(grad, momentum, mean_square, beta_in, beta_sc, rel_log_lr)
-
-        # Parameter RNN, biased by the previous step's tensor and global states.
         h_global_t = h_global[pid]
         injected_t = self.tensor_to_param(h_tensor) + self.global_to_param(h_global_t)
-        h_param = self.param_rnn(z, h_param, injected_t[tid])
+        lr_t = torch.as_tensor(lr, dtype=dtype, device=point.device).expand(t_count)
+        wd_t = torch.as_tensor(weight_decay, dtype=dtype, device=point.device).expand(t_count)
+        table = torch.cat([injected_t, lr_mean_p[pid].unsqueeze(1), lr_t.unsqueeze(1)], 1)
+        weights = self._element_weights(dtype)
 
-        direction = h_param @ self.w_direction + x @ self.shortcut_direction
-        log_lr_step = log_lr + (h_param @ self.w_log_lr + self.b_log_lr)
-        log_lr_step = _straight_through_clamp(log_lr_step, *self.log_lr_bounds)
-        keep = torch.sigmoid(self.lr_smoothing)
-        new_log_lr = keep * log_lr + (1.0 - keep) * log_lr_step
-        new_beta_sc = torch.sigmoid(h_param @ self.w_beta_sc + self.b_beta_sc)
-        new_beta_in = torch.sigmoid(h_param @ self.w_beta_in + self.b_beta_in)
-
-        lr_t = torch.as_tensor(lr, dtype=dtype, device=point.device).expand(layout.num_tensors)
-        wd_t = torch.as_tensor(weight_decay, dtype=dtype, device=point.device).expand(layout.num_tensors)
-        lr_e = lr_t[tid]
-        theta_old = state.theta.to(dtype) if self.attention else point
-        d_rms = layout.tensor_mean(direction.square()) + self.epsilon
-        step_size = torch.exp(log_lr_step + self.step_offset) * lr_e
-        theta = theta_old - step_size * direction * torch.rsqrt(d_rms)[tid] - (lr_t * wd_t)[tid] * theta_old
-
-        if self.attention:
-            att = h_param @ self.w_attention + x @ self.shortcut_attention
-            a_rms = layout.tensor_mean(att.square()) + self.epsilon
-            phi = theta_old - torch.exp(log_lr_step) * lr_e * att * torch.rsqrt(a_rms)[tid]
+        # ---- element level, chunk by chunk.
+        n = layout.numel
+        in_place = out is not None
+        if in_place:
+            new = out
+        elif chunk < n:
+            new = _empty_like_state(state)
         else:
-            phi = theta
+            new = None
+        width = hp + self.num_features + 1 + int(cst.attention)
+        sums = torch.zeros(t_count, width, dtype=dtype, device=point.device)
+        scratch = _Scratch.get(self, n, dtype, point.device) if new is not None else None
+        kernel = _compiled_kernel(cst) if compile and not grad_mode else None
+        full: Optional[tuple[Any, ...]] = None
+        for start in range(0, n, chunk):
+            end = min(start + chunk, n)
+            sl = slice(start, end)
+            args = (grad[sl], state.h_param[sl], state.momentum[sl], state.mean_square[sl], state.beta_in[sl],
+                    state.beta_sc[sl], state.log_lr[sl], tid[sl], table)
+            if new is None:
+                full = _element_update(cst, weights, *args, unrolled=False)
+                h_c, m_c, v_c, bi, bsc, llr, lls, ud, ua, red = full
+                sums = sums.index_add(0, tid, torch.stack(red, 1))
+                continue
+            outs = (new.h_param[sl], new.momentum[sl], new.mean_square[sl], new.beta_in[sl], new.beta_sc[sl],
+                    new.log_lr[sl], scratch.ud[sl], scratch.ua[sl])
+            red = None
+            if kernel is not None:
+                red = kernel.run(weights, args, outs, chunk)
+            if red is None:
+                red = _element_update_into(cst, weights, args, outs, unrolled=False)
+            sums.index_add_(0, tid[sl], red)
 
-        # Tensor RNN reads the mean of the new parameter states and features; global RNN the mean
-        # of the new tensor states over each problem.
-        tensor_in = layout.tensor_mean(torch.cat([h_param, z], dim=-1))
-        h_tensor = self.tensor_rnn(tensor_in, h_tensor, self.global_to_tensor(h_global_t))
-        global_in = h_tensor.new_zeros(layout.num_problems, h_tensor.shape[-1]).index_add(0, pid, h_tensor)
+        # ---- epilogue (per tensor): RMS of the directions, tensor RNN, global RNN.
+        means = sums / layout.tensor_counts.to(dtype).unsqueeze(1)
+        rs_d = torch.rsqrt(means[:, -1 - int(cst.attention)] + self.epsilon)
+        rs_a = torch.rsqrt(means[:, -1] + self.epsilon) if cst.attention else rs_d
+        tensor_in = means[:, : hp + self.num_features]
+        new_h_tensor = self.tensor_rnn(tensor_in, h_tensor, self.global_to_tensor(h_global_t))
+        global_in = new_h_tensor.new_zeros(layout.num_problems, new_h_tensor.shape[-1]).index_add(0, pid, new_h_tensor)
         global_in = global_in / layout.problem_tensors.to(dtype).unsqueeze(-1)
-        h_global = self.global_rnn(global_in, h_global)
+        new_h_global = self.global_rnn(global_in, h_global)
+        update_table = torch.stack([rs_d, rs_a, lr_t * wd_t], 1)
 
+        theta_old = state.theta if self.attention else point
         sd = state.momentum.dtype
-        new_state = HRNNState(
-            h_param=h_param.to(sd),
-            momentum=momentum.to(sd),
-            mean_square=mean_square.to(sd),
-            beta_in=new_beta_in.to(sd),
-            beta_sc=new_beta_sc.to(sd),
-            log_lr=new_log_lr.to(sd),
-            theta=theta.to(state.theta.dtype) if self.attention else None,
-            h_tensor=h_tensor.to(sd),
-            h_global=h_global.to(sd),
-        )
-        diag = None
-        if diagnostics:
-            diag = StepDiagnostics(
-                beta_in=new_beta_in.detach(),
-                beta_sc=new_beta_sc.detach(),
-                log_step_size=(log_lr_step + self.step_offset + torch.log(lr_e)).detach(),
-                update=(theta - theta_old).detach(),
-                attention_offset=(phi - theta).detach(),
-                theta=theta.detach(),
-                h_tensor=h_tensor.detach(),
-                h_global=h_global.detach(),
+        if new is None:
+            h_c, m_c, v_c, bi, bsc, llr, lls, ud, ua, red = full
+            theta, phi = _apply_update(theta_old.to(dtype), ud, ua, tid, update_table, cst.attention)
+            new_state = HRNNState(
+                h_param=torch.stack(h_c, 0).t().to(sd),
+                momentum=torch.stack(m_c, 0).t().to(sd),
+                mean_square=torch.stack(v_c, 0).t().to(sd),
+                beta_in=bi.to(sd),
+                beta_sc=bsc.to(sd),
+                log_lr=llr.to(sd),
+                theta=theta.to(state.theta.dtype) if self.attention else None,
+                h_tensor=new_h_tensor.to(sd),
+                h_global=new_h_global.to(sd),
             )
-        return StepOutput(phi, new_state, diag)
+            diag = None
+            if diagnostics:
+                lr_e = lr_t[tid]
+                diag = StepDiagnostics(
+                    beta_in=bi.detach(),
+                    beta_sc=bsc.detach(),
+                    log_step_size=(lls + self.step_offset + torch.log(lr_e)).detach(),
+                    update=(theta - theta_old).detach(),
+                    attention_offset=(phi - theta).detach(),
+                    theta=theta.detach(),
+                    h_tensor=new_h_tensor.detach(),
+                    h_global=new_h_global.detach(),
+                )
+            return StepOutput(phi, new_state, diag)
+
+        # Chunked: the second element pass applies the per-tensor normalisers.
+        theta_new = new.theta if self.attention else None
+        if theta_new is None and self.attention:
+            theta_new = torch.empty_like(state.theta)
+        point_new = out_point if out_point is not None else torch.empty_like(point)
+        for start in range(0, n, chunk):
+            sl = slice(start, min(start + chunk, n))
+            theta, phi = _apply_update(theta_old[sl].to(dtype), scratch.ud[sl], scratch.ua[sl], tid[sl], update_table,
+                                       cst.attention)
+            if self.attention:
+                theta_new[sl].copy_(theta)
+                point_new[sl].copy_(phi)
+            else:
+                point_new[sl].copy_(theta)
+        new.h_tensor.copy_(new_h_tensor)
+        new.h_global.copy_(new_h_global)
+        new_state = new._replace(theta=theta_new) if self.attention else new
+        return StepOutput(point_new, new_state, None)
 
     # ------------------------------------------------------------------ adapters
 
@@ -593,6 +674,239 @@ class HierarchicalRNN(nn.Module):
                 parts.append("shape mismatch " + "; ".join(shapes))
             raise ValueError(f"{source} does not match this HierarchicalRNN ({self.config}): " + ", ".join(parts))
         self.load_state_dict(tensors)
+
+
+# ---------------------------------------------------------------------------- the element-level part
+
+DEFAULT_CHUNK = 8192
+"""Elements per chunk of the element-level part without autograd: its temporaries (a few dozen
+values per element) then stay in the L2 cache, and no step allocates or page-faults large buffers."""
+
+
+class _Constants(NamedTuple):
+    """The Python constants of the element-level part (a compiled kernel is specialised on them)."""
+
+    param_units: int
+    num_timescales: int
+    attention: bool
+    ms_epsilon: float
+    epsilon: float
+    log_lr_low: float
+    log_lr_high: float
+
+
+def _affine(
+    parts: list[Tensor], weight: Tensor, bias: Tensor, extra: Optional[Tensor], unrolled: bool, act: Any = None
+) -> list[Tensor]:
+    """``act(concat(parts) @ weight + bias + extra)`` as a list of output columns.
+
+    ``parts`` are ``(C,)`` columns or ``(C, k)`` blocks. With ``unrolled``, each output column is
+    written as a sum of scalar-times-column products: inductor then fuses the whole parameter-level
+    GRU into one vectorised loop instead of calling a library matmul for a 22x20 product.
+    """
+    if not unrolled:
+        x = torch.cat([p if p.dim() == 2 else p.unsqueeze(1) for p in parts], 1)
+        y = torch.addmm(bias, x, weight)
+        if extra is not None:
+            y = y + extra
+        return list((act(y) if act is not None else y).unbind(1))
+    cols = [c for p in parts for c in (p.unbind(1) if p.dim() == 2 else (p,))]
+    result = []
+    for j in range(weight.shape[1]):
+        acc = cols[0] * weight[0, j] + bias[j]
+        if extra is not None:
+            acc = acc + extra[:, j]
+        for k in range(1, len(cols)):
+            acc = acc + cols[k] * weight[k, j]
+        result.append(act(acc) if act is not None else acc)
+    return result
+
+
+def _features(
+    cst: _Constants, grad: Tensor, momentum: Tensor, mean_square: Tensor, beta_in: Tensor, beta_sc: Tensor, rel_log_lr: Tensor
+) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """The accumulators and the ``3K`` input features, as lists of ``(C,)`` columns.
+
+    Returns ``(z, x, momentum, mean_square)``.
+    """
+    k = cst.num_timescales
+    xs, log_ms, moms, mss = [], [], [], []
+    beta = beta_in
+    for s in range(k):
+        # beta_in ** 2**-s as repeated square roots: the same value, without a pow per timescale.
+        beta = beta if s == 0 else torch.sqrt(beta)
+        a = (1.0 - beta) * grad + beta * momentum[:, s]
+        v = (1.0 - beta_sc) * (a * a + cst.ms_epsilon) + beta_sc * mean_square[:, s]
+        moms.append(a)
+        mss.append(v)
+        xs.append(torch.asinh(a * torch.rsqrt(v + cst.epsilon)))
+        log_ms.append(torch.log(v + cst.epsilon))
+    mean_log = sum(log_ms[1:], log_ms[0]) / k
+    z = xs + [xs[s] * xs[s + 1] for s in range(k - 1)] + [lm - mean_log for lm in log_ms] + [rel_log_lr]
+    return z, xs, moms, mss
+
+
+def _element_update(
+    cst: _Constants,
+    w: dict[str, Tensor],
+    grad: Tensor,
+    h_param: Tensor,
+    momentum: Tensor,
+    mean_square: Tensor,
+    beta_in: Tensor,
+    beta_sc: Tensor,
+    log_lr: Tensor,
+    tensor_ids: Tensor,
+    table: Tensor,
+    unrolled: bool,
+) -> tuple[Any, ...]:
+    """The element-level part of the step: features, parameter RNN and read-outs, for ``C`` elements.
+
+    Every element is independent given the per-tensor ``table`` (rows: the ``3 * param_units``
+    injected biases, the problem-mean log learning rate, the lr multiplier), so this runs over any
+    contiguous chunk of the flat buffers.
+
+    Returns:
+        ``(h, momentum, mean_square, beta_in, beta_sc, log_lr, log_lr_step, step_d, step_a, reduce)``:
+        the new state as columns, the clipped step log lr, the un-normalised updates
+        ``exp(log_lr_step + c) * lr * d`` and ``exp(log_lr_step) * lr * a``, and the columns whose
+        per-tensor means the epilogue needs (``h``, ``z``, ``d^2`` and, with attention, ``a^2``).
+    """
+    dtype = table.dtype
+    hp = cst.param_units
+    rows = table[tensor_ids]
+    grad, log_lr = grad.to(dtype), log_lr.to(dtype)
+    h = h_param.to(dtype)
+    z, xs, moms, mss = _features(
+        cst, grad, momentum.to(dtype), mean_square.to(dtype), beta_in.to(dtype), beta_sc.to(dtype), log_lr - rows[:, 3 * hp]
+    )
+    # Parameter RNN (BiasGRU) biased by the tensor and global states of the previous step.
+    reset_keep = _affine(z + [h], w["w_gates"], w["b_gates"], rows[:, : 2 * hp], unrolled, torch.sigmoid)
+    reset, keep = reset_keep[:hp], reset_keep[hp:]
+    h_cols = h.unbind(1)
+    cand = _affine(z + [r * hc for r, hc in zip(reset, h_cols)], w["w_cand"], w["b_cand"], rows[:, 2 * hp : 3 * hp],
+                   unrolled, torch.tanh)
+    h_new = [u * hc + (1.0 - u) * c for u, hc, c in zip(keep, h_cols, cand)]
+    # Read-outs: direction, log lr, decays (and attention), with shortcuts from the rescaled momenta.
+    outs = _affine(h_new + xs, w["w_out"], w["b_out"], None, unrolled)
+    direction, log_lr_out, beta_sc_out, beta_in_out = outs[:4]
+    log_lr_step = _straight_through_clamp(log_lr + log_lr_out, cst.log_lr_low, cst.log_lr_high)
+    new_log_lr = w["keep"] * log_lr + (1.0 - w["keep"]) * log_lr_step
+    lr_e = rows[:, 3 * hp + 1]
+    step_d = torch.exp(log_lr_step + w["offset"]) * lr_e * direction
+    reduce = h_new + z + [direction * direction]
+    if cst.attention:
+        step_a = torch.exp(log_lr_step) * lr_e * outs[4]
+        reduce.append(outs[4] * outs[4])
+    else:
+        step_a = step_d
+    return (h_new, moms, mss, torch.sigmoid(beta_in_out), torch.sigmoid(beta_sc_out), new_log_lr, log_lr_step,
+            step_d, step_a, reduce)
+
+
+def _element_update_into(
+    cst: _Constants, w: dict[str, Tensor], args: tuple[Tensor, ...], outs: tuple[Tensor, ...], unrolled: bool
+) -> Tensor:
+    """Run :func:`_element_update` on one chunk and write the new state into ``outs`` (views of the
+    state and scratch buffers, which may alias the inputs). Returns the ``(C, R)`` reduction rows."""
+    h, m, v, bi, bsc, llr, _, ud, ua, red = _element_update(cst, w, *args, unrolled=unrolled)
+    o_h, o_m, o_v, o_bi, o_bsc, o_llr, o_ud, o_ua = outs
+    o_h.copy_(torch.stack(h, 1))
+    o_m.copy_(torch.stack(m, 1))
+    o_v.copy_(torch.stack(v, 1))
+    o_bi.copy_(bi)
+    o_bsc.copy_(bsc)
+    o_llr.copy_(llr)
+    o_ud.copy_(ud)
+    o_ua.copy_(ua)
+    return torch.stack(red, 1)
+
+
+def _apply_update(
+    theta_old: Tensor, step_d: Tensor, step_a: Tensor, tensor_ids: Tensor, table: Tensor, attention: bool
+) -> tuple[Tensor, Tensor]:
+    """The parameter update, given per-tensor ``table`` rows ``(1/rms(d), 1/rms(a), lr * weight_decay)``.
+
+    Returns ``(theta, phi)``: the new true parameters and the attended point (``theta`` without attention).
+    """
+    rows = table[tensor_ids]
+    theta = theta_old - step_d * rows[:, 0] - rows[:, 2] * theta_old
+    phi = theta_old - step_a * rows[:, 1] if attention else theta
+    return theta, phi
+
+
+def _empty_like_state(state: HRNNState) -> HRNNState:
+    return HRNNState(*(None if t is None else torch.empty_like(t) for t in state))
+
+
+class _Scratch:
+    """Per-element scratch buffers of the chunked step, kept between steps so no step allocates them."""
+
+    def __init__(self, n: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.ud = torch.empty(n, dtype=dtype, device=device)
+        self.ua = torch.empty(n, dtype=dtype, device=device)
+
+    @staticmethod
+    def get(owner: nn.Module, n: int, dtype: torch.dtype, device: torch.device) -> "_Scratch":
+        """The scratch buffers of ``owner`` for this size, made on first use (one size is kept)."""
+        cached = owner.__dict__.get("_scratch")
+        if cached is None or cached.ud.numel() != n or cached.ud.dtype != dtype or cached.ud.device != device:
+            cached = _Scratch(n, dtype, device)
+            owner.__dict__["_scratch"] = cached
+        return cached
+
+
+class _CompiledKernel:
+    """The element-level part compiled with ``torch.compile`` for one chunk size.
+
+    Only full chunks run compiled (one shape, so one compilation serves every model); the last,
+    partial chunk runs eagerly. If compiling fails, it warns once and stays eager.
+    """
+
+    failed = False
+
+    def __init__(self, cst: _Constants) -> None:
+        def kernel(w: dict[str, Tensor], args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            h, m, v, bi, bsc, llr, _, ud, ua, red = _element_update(cst, w, *args, unrolled=True)
+            return (torch.stack(h, 1), torch.stack(m, 1), torch.stack(v, 1), bi, bsc, llr, ud, ua, torch.stack(red, 1))
+
+        self.fn = torch.compile(kernel, dynamic=False)
+
+    def run(self, w: dict[str, Tensor], args: tuple[Tensor, ...], outs: tuple[Tensor, ...], chunk: int) -> Optional[Tensor]:
+        """Reduction rows of one chunk, or None when the caller must run it eagerly."""
+        if _CompiledKernel.failed or args[0].numel() != chunk:
+            return None
+        table = args[-1]
+        if table.shape[0] < 2:  # a size-1 dimension cannot be dynamic
+            table = torch.cat([table, table], 0)
+        torch._dynamo.mark_dynamic(table, 0)
+        try:
+            results = self.fn(w, args[:-1] + (table,))
+        except Exception as err:  # any compiler or toolchain failure: the eager path computes the same
+            _CompiledKernel.failed = True
+            warnings.warn(
+                f"torch.compile of the hierarchical RNN step failed ({type(err).__name__}: {err}); "
+                "falling back to the eager step.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return None
+        # The outputs usually alias the inputs (the optimizer updates its state in place), which
+        # the compiled graph must not see: it may reorder reads and writes. Copy outside it.
+        for dst, src in zip(outs, results):
+            dst.copy_(src)
+        return results[-1]
+
+
+_KERNELS: dict[_Constants, _CompiledKernel] = {}
+
+
+def _compiled_kernel(cst: _Constants) -> Optional[_CompiledKernel]:
+    if _CompiledKernel.failed:
+        return None
+    if cst not in _KERNELS:
+        _KERNELS[cst] = _CompiledKernel(cst)
+    return _KERNELS[cst]
 
 
 def _read_weights(path: Union[str, Path]) -> tuple[dict[str, Any], dict[str, Tensor], str]:

@@ -10,11 +10,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_lopt.hrnn import WEIGHTS_DIR, HierarchicalRNN, HRNNState, Layout, StepDiagnostics
+from lightning_lopt.hrnn import DEFAULT_CHUNK, WEIGHTS_DIR, HierarchicalRNN, HRNNState, Layout, StepDiagnostics
 
 __all__ = ["HierarchicalRNNOptimizer"]
 
 STATE_KEY = "hrnn"
+COMPILE_MIN_PARAMS = 1 << 18
+"""With ``compile=None``, the step is compiled from this many parameters on."""
 _TENSOR_FIELDS = HRNNState._fields
 
 
@@ -62,7 +64,13 @@ class HierarchicalRNNOptimizer(Optimizer):
         lr: Multiplier of the learned step size (what LR schedulers change).
         weight_decay: Decoupled weight decay; each step shrinks parameters by ``lr * weight_decay``.
         seed: Seed of the random initial per-element learning rates in the state.
-        state_dtype: Floating point type of the state buffers (``torch.bfloat16`` halves them).
+        state_dtype: Floating point type of the state buffers (``torch.bfloat16`` halves them);
+            the true parameters kept with attention stay float32.
+        compile: Compile the element-level part of the step with ``torch.compile`` (inductor).
+            ``None`` compiles only from :data:`COMPILE_MIN_PARAMS` parameters on, where it pays for
+            its one-time compilation (cached on disk across processes); without a working compiler
+            the step falls back to eager with one warning.
+        chunk_size: Elements per chunk of the step's element-level part (``0``: one chunk).
     """
 
     def __init__(
@@ -73,6 +81,8 @@ class HierarchicalRNNOptimizer(Optimizer):
         weight_decay: float = 0.0,
         seed: int = 0,
         state_dtype: Optional[torch.dtype] = None,
+        compile: Optional[bool] = None,
+        chunk_size: int = DEFAULT_CHUNK,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning-rate multiplier lr={lr}: it must be >= 0.")
@@ -80,15 +90,21 @@ class HierarchicalRNNOptimizer(Optimizer):
             raise ValueError(f"Invalid weight_decay={weight_decay}: it must be >= 0.")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         self.lopt = load_weights(weights)
-        for p in self.lopt.parameters():
-            p.requires_grad_(False)
+        if not isinstance(weights, HierarchicalRNN):  # a module passed in may be under meta-training: leave it be
+            for p in self.lopt.parameters():
+                p.requires_grad_(False)
         self.seed = seed
         self.state_dtype = state_dtype or torch.float32
         self.last_diagnostics: Optional[StepDiagnostics] = None
+        # Indices into `params` of the tensors `last_diagnostics` covers: a step skips tensors without a grad.
+        self.last_diagnostics_tensors: Optional[list[int]] = None
         self._diagnostics_requested = False
         self._warned_nonfinite = False
         self._layout_cache: dict[Any, Layout] = {}
         self._training = True
+        self.compile = compile
+        self.chunk_size = int(chunk_size)
+        self._point_buffer: Optional[Tensor] = None
 
     # ------------------------------------------------------------------ public helpers
 
@@ -175,6 +191,13 @@ class HierarchicalRNNOptimizer(Optimizer):
                     "The saved HierarchicalRNNOptimizer state was made for parameters of sizes "
                     f"{list(saved['sizes'])}, but this optimizer has {sizes}."
                 )
+            lo = self.lopt
+            widths = dict(h_param=lo.param_units, momentum=lo.num_timescales, h_tensor=lo.tensor_units, h_global=lo.global_units)
+            wrong = [f"{k} width {saved[k].shape[-1]} vs {w}" for k, w in widths.items() if saved[k].shape[-1] != w]
+            if (saved["theta"] is not None) != lo.attention:
+                wrong.append(f"attention {saved['theta'] is not None} vs {lo.attention}")
+            if wrong:
+                raise ValueError(f"The saved HierarchicalRNNOptimizer state does not match these weights: {', '.join(wrong)}.")
         super().load_state_dict(state_dict)
         st = self.state.get(STATE_KEY)
         if st is not None:
@@ -193,7 +216,7 @@ class HierarchicalRNNOptimizer(Optimizer):
         hrnn = self.lopt.init_state(layout, theta=flat, generator=gen, dtype=self.state_dtype)
         st: dict[str, Any] = {k: getattr(hrnn, k) for k in _TENSOR_FIELDS}
         if st["theta"] is not None:
-            st["theta"] = st["theta"].float()  # the true parameters never lose precision
+            st["theta"] = flat  # fp32 from the parameters themselves: init_state rounds theta to state_dtype
         st.update(step=0, skipped=0, sizes=[p.numel() for p in params])
         return st
 
@@ -238,6 +261,9 @@ class HierarchicalRNNOptimizer(Optimizer):
         device = params[0].device
         if next(self.lopt.parameters()).device != device:
             self.lopt.to(device)
+        for p in params:  # before the state is made: complex parameters cannot be flattened into it
+            if p.grad is not None:
+                self._check_grad(p)
         st = self.state.get(STATE_KEY)
         if st is None:
             st = self.state[STATE_KEY] = self._init_state(params)
@@ -245,8 +271,6 @@ class HierarchicalRNNOptimizer(Optimizer):
         active = [i for i, p in enumerate(params) if p.grad is not None]
         if not active:
             return loss
-        for i in active:
-            self._check_grad(params[i])
         act_params = [params[i] for i in active]
         grad = torch.cat([p.grad.reshape(-1).float() for p in act_params])
         if not bool(torch.isfinite(grad).all()):
@@ -287,11 +311,19 @@ class HierarchicalRNNOptimizer(Optimizer):
             )
 
         diagnostics = self._diagnostics_requested
-        out = self.lopt.step(state, point, grad, layout, lr=lr, weight_decay=wd, diagnostics=diagnostics)
+        compile = self.compile if self.compile is not None else layout.numel >= COMPILE_MIN_PARAMS
+        fast = dict(chunk_size=self.chunk_size, compile=compile)
+        if full:
+            # The step writes the new state straight into the flat buffers, and the point into a
+            # kept buffer, so a step allocates nothing of the parameters' size.
+            if self._point_buffer is None or self._point_buffer.shape != point.shape:
+                self._point_buffer = torch.empty_like(point)
+            fast.update(out=state, out_point=self._point_buffer)
+        out = self.lopt.step(state, point, grad, layout, lr=lr, weight_decay=wd, diagnostics=diagnostics, **fast)
         new = out.state
         if full:
             for k in _TENSOR_FIELDS:
-                if st[k] is not None:
+                if st[k] is not None and getattr(new, k) is not st[k]:  # the fast path wrote in place
                     st[k].copy_(getattr(new, k))
         else:
             for k in ("h_param", "momentum", "mean_square", "beta_in", "beta_sc", "log_lr", "theta"):
@@ -302,6 +334,7 @@ class HierarchicalRNNOptimizer(Optimizer):
         torch._foreach_copy_([p.data for p in act_params], self._split(out.point, act_params))
         st["step"] += 1
         self.last_diagnostics = out.diagnostics if diagnostics else None
+        self.last_diagnostics_tensors = list(active) if diagnostics else None
         self._diagnostics_requested = False
         return loss
 

@@ -441,8 +441,12 @@ class MetaTrainingModule(pl.LightningModule):
         return finals
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        # Lightning validates under inference mode, where even the inner tasks' own gradients are off.
+        with torch.inference_mode(False):
+            self._validate(batch.clone().tolist())
+
+    def _validate(self, seeds: list[int]) -> None:
         lengths = list(self.hparams.validation_lengths)
-        seeds = batch.tolist()
         task_lengths = [lengths[i % len(lengths)] for i in range(len(seeds))]
         mine = self.learned_final_losses(seeds, task_lengths)
         ratios = []

@@ -1,0 +1,1504 @@
+"""Quality benchmark of the learned optimizer on held-out problems, against tuned Adam, RMSProp and SGD.
+
+Run ``python -m lightning_lopt.bench.quality`` (or ``lightning-lopt-bench``; ``--help`` for
+options). Every task here is outside the meta-training distribution
+(:class:`~lightning_lopt.tasks.TaskDistribution` never samples it):
+
+* ``a``  ``mnist1d_mlp``: a one-hidden-layer ReLU MLP on MNIST-1D (generated locally);
+* ``b``  ``digits_conv_relu``: a small conv net on scikit-learn's 8x8 digits, ReLU;
+* ``b2`` ``digits_conv_sigmoid``: the same conv net with sigmoid activations (``b'``);
+* ``c``  ``char_lm``: a 2-layer character-level transformer on CPython's ``pydoc_data.topics`` text;
+* ``d``  ``breast_cancer_logreg``: logistic regression on scikit-learn's breast-cancer set;
+* ``e``  ``mnist1d_deep_mlp``: a 4-hidden-layer MLP on MNIST-1D for 5,000 steps (long horizon);
+* ``f``  ``noisy_quadratic``: a 2,000-dimensional quadratic with noisy gradients.
+
+Each task is trained with the learned optimizer (untuned, ``lr=1``), with Adam, RMSProp and SGD
+with momentum 0.9 over a log-spaced learning-rate sweep, and with Adam at 1e-3, over several
+seeds (a seed sets the initialisation, the minibatch order and the gradient noise; every optimizer
+sees the same seeds). The tuned baseline of a task is the (optimizer, lr) with the lowest mean
+final training loss. The final training loss is measured at the true parameters (the learned
+optimizer is put in eval mode) on the whole training set, or on a fixed large batch for the
+language model. Outputs: ``OUT/results.md``, ``OUT/results.json`` and ``OUT/curves_<task>.png``.
+Finished runs are cached under ``OUT/runs`` and reused when the same run is asked for again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import datetime
+import functools
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import platform
+import shlex
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_lopt.hrnn import WEIGHTS_DIR, HierarchicalRNN
+from lightning_lopt.optimizer import HierarchicalRNNOptimizer, load_weights
+from lightning_lopt.tasks.base import Task, make_generator, randn, sample_rows
+from lightning_lopt.tasks.heldout import DigitsConvNetTask, MNIST1DMLPTask
+from lightning_lopt.tasks.synthetic import QuadraticTask
+
+__all__ = [
+    "ABLATIONS",
+    "TASKS",
+    "BreastCancerLogRegTask",
+    "CharTransformerTask",
+    "DigitsConvNetActivationTask",
+    "NoisyQuadraticTask",
+    "OptimizerConfig",
+    "TaskSpec",
+    "build_task",
+    "is_diverged",
+    "main",
+    "run_one",
+    "select_tuned",
+    "steps_to_reach",
+    "summarize",
+]
+
+# A run has diverged when its final loss is not finite or above this multiple of its initial loss.
+DIVERGENCE_FACTOR = 10.0
+BASELINE_KINDS = ("adam", "rmsprop", "sgd")
+KIND_LABELS = {"learned": "learned", "adam": "Adam", "rmsprop": "RMSProp", "sgd": "SGD+m"}
+# Full sweeps: 7 log-spaced points each (half-decade steps).
+SWEEPS: dict[str, tuple[float, ...]] = {
+    "adam": tuple(10.0 ** (-4 + 0.5 * i) for i in range(7)),
+    "rmsprop": tuple(10.0 ** (-4 + 0.5 * i) for i in range(7)),
+    "sgd": tuple(10.0 ** (-3 + 0.5 * i) for i in range(7)),
+}
+# --quick keeps every other point: whole decades, which still contain Adam's 1e-3.
+QUICK_SWEEP_INDICES = (0, 2, 4, 6)
+ADAM_DEFAULT_LR = 1e-3
+QUICK_STEPS_SCALE = 0.2
+QUICK_MIN_STEPS = 50
+
+
+# ============================================================================ tasks
+
+
+class DigitsConvNetActivationTask(DigitsConvNetTask):
+    """:class:`~lightning_lopt.tasks.DigitsConvNetTask` with a choice of hidden activation.
+
+    Args:
+        activation: ``"relu"`` or ``"sigmoid"``.
+        **kwargs: Passed to :class:`~lightning_lopt.tasks.DigitsConvNetTask`.
+    """
+
+    def __init__(self, activation: str = "relu", **kwargs: Any) -> None:
+        if activation not in ("relu", "sigmoid"):
+            raise ValueError(f"activation must be 'relu' or 'sigmoid', got {activation!r}.")
+        super().__init__(**kwargs)
+        self.activation = activation
+        self.family = f"digits_convnet_{activation}"
+
+    def logits(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
+        """Conv-net logits of images ``x`` of shape ``(batch, 1, 8, 8)``."""
+        act = F.relu if self.activation == "relu" else torch.sigmoid
+        w1, b1, w2, b2, w3, b3 = params
+        h = act(F.conv2d(x, w1, b1, padding=1))
+        h = act(F.conv2d(h, w2, b2, stride=2, padding=1))
+        return F.linear(h.flatten(1), w3, b3)
+
+
+class BreastCancerLogRegTask(Task):
+    """Binary logistic regression on scikit-learn's breast-cancer set (569 rows, 30 features).
+
+    Features are standardised with the training split's mean and standard deviation.
+
+    Args:
+        batch_size: Minibatch size.
+        test_fraction: Fraction of the rows held out as the test split.
+        split_seed: Seed of the train/test permutation.
+    """
+
+    family = "breast_cancer_logreg"
+
+    def __init__(self, batch_size: int = 32, test_fraction: float = 0.2, split_seed: int = 0) -> None:
+        from sklearn.datasets import load_breast_cancer
+
+        data = load_breast_cancer()
+        x = torch.as_tensor(data.data, dtype=torch.float32)
+        y = torch.as_tensor(data.target, dtype=torch.float32)
+        perm = torch.randperm(len(y), generator=make_generator(split_seed))
+        n_test = int(round(test_fraction * len(y)))
+        train, test = perm[n_test:], perm[:n_test]
+        mean, std = x[train].mean(0), x[train].std(0).clamp_min(1e-6)
+        self.batch_size = int(batch_size)
+        self.x, self.y = (x[train] - mean) / std, y[train]
+        self.x_test, self.y_test = (x[test] - mean) / std, y[test]
+
+    def init_params(self, generator: torch.Generator) -> list[Tensor]:
+        """Weights ``N(0, 1/features)`` and a zero bias."""
+        d = self.x.shape[1]
+        return [randn((d,), generator, std=1.0 / math.sqrt(d)), torch.zeros(1)]
+
+    def sample_batch(self, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """A minibatch ``(x, y)`` of training rows."""
+        idx = sample_rows(generator, self.x.shape[0], self.batch_size, self.x.device)
+        return self.x[idx], self.y[idx]
+
+    def loss(self, params: Sequence[Tensor], batch: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+        """Mean binary cross-entropy (the whole training split when ``batch`` is None)."""
+        x, y = (self.x, self.y) if batch is None else batch
+        return F.binary_cross_entropy_with_logits(x @ params[0] + params[1], y)
+
+    @torch.no_grad()
+    def evaluate(self, params: Sequence[Tensor]) -> dict[str, float]:
+        """Loss and accuracy on the test split."""
+        logits = self.x_test @ params[0] + params[1]
+        return {
+            "test_loss": float(F.binary_cross_entropy_with_logits(logits, self.y_test)),
+            "test_accuracy": float(((logits > 0).float() == self.y_test).float().mean()),
+        }
+
+
+@functools.lru_cache(maxsize=1)
+def pydoc_text() -> str:
+    """The English documentation text CPython ships in ``pydoc_data.topics``, as ASCII.
+
+    Topics are joined in sorted order; non-ASCII characters become ``?`` so the vocabulary stays
+    under 100 symbols.
+    """
+    import pydoc_data.topics
+
+    topics = pydoc_data.topics.topics
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    return text.encode("ascii", "replace").decode("ascii")
+
+
+class CharTransformerTask(Task):
+    """A small causal transformer predicting the next character of the ``pydoc_data`` text.
+
+    Pre-norm blocks (multi-head self-attention, GELU MLP of width ``4 * width``), learned
+    position embeddings. The last ``test_fraction`` of the text is the test split. Because the
+    training text is large, ``loss(params, None)`` is the loss on a fixed batch of
+    ``eval_sequences`` training windows, drawn once from ``data_seed``.
+
+    Args:
+        width: Model width.
+        layers: Number of transformer blocks.
+        heads: Attention heads.
+        context: Characters per training window.
+        batch_size: Windows per minibatch.
+        eval_sequences: Windows of the fixed training-loss batch and of the test batch.
+        test_fraction: Fraction of the text (its end) held out.
+        max_chars: Use only the first ``max_chars`` characters of the text (None: all of it).
+        data_seed: Seed of the fixed evaluation windows.
+    """
+
+    family = "char_lm"
+
+    def __init__(
+        self,
+        width: int = 32,
+        layers: int = 2,
+        heads: int = 4,
+        context: int = 32,
+        batch_size: int = 16,
+        eval_sequences: int = 256,
+        test_fraction: float = 0.1,
+        max_chars: Optional[int] = None,
+        data_seed: int = 0,
+    ) -> None:
+        if width % heads:
+            raise ValueError(f"width {width} must be divisible by heads {heads}.")
+        text = pydoc_text()
+        if max_chars is not None:
+            text = text[: int(max_chars)]
+        self.vocab = sorted(set(pydoc_text()))
+        lookup = {c: i for i, c in enumerate(self.vocab)}
+        ids = torch.tensor([lookup[c] for c in text], dtype=torch.long)
+        n_test = int(round(test_fraction * len(ids)))
+        self.train_ids, self.test_ids = ids[:-n_test], ids[-n_test:]
+        self.width, self.layers, self.heads = int(width), int(layers), int(heads)
+        self.context, self.batch_size = int(context), int(batch_size)
+        g = make_generator(data_seed)
+        self.eval_batch = self._windows(self.train_ids, eval_sequences, g)
+        self.test_batch = self._windows(self.test_ids, eval_sequences, g)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of distinct characters."""
+        return len(self.vocab)
+
+    def _windows(self, ids: Tensor, count: int, generator: torch.Generator) -> Tensor:
+        starts = torch.randint(len(ids) - self.context - 1, (count,), generator=generator)
+        return ids[starts.unsqueeze(1) + torch.arange(self.context + 1)].to(ids.device)
+
+    def init_params(self, generator: torch.Generator) -> list[Tensor]:
+        """GPT-2-style initialisation: ``N(0, 0.02)`` embeddings, ``1/sqrt(fan_in)`` projections."""
+        d, v, n = self.width, self.vocab_size, self.layers
+        residual = 1.0 / math.sqrt(2 * n)  # keeps the residual stream's scale independent of depth
+
+        def w(shape: tuple[int, int], std: float) -> Tensor:
+            return randn(shape, generator, std=std)
+
+        params = [w((v, d), 0.02), w((self.context, d), 0.02)]
+        for _ in range(n):
+            params += [
+                torch.ones(d), torch.zeros(d),
+                w((3 * d, d), 1.0 / math.sqrt(d)), torch.zeros(3 * d),
+                w((d, d), residual / math.sqrt(d)), torch.zeros(d),
+                torch.ones(d), torch.zeros(d),
+                w((4 * d, d), 1.0 / math.sqrt(d)), torch.zeros(4 * d),
+                w((d, 4 * d), residual / math.sqrt(4 * d)), torch.zeros(d),
+            ]  # fmt: skip
+        params += [torch.ones(d), torch.zeros(d), w((v, d), 1.0 / math.sqrt(d)), torch.zeros(v)]
+        return [p.to(self.train_ids.device) for p in params]
+
+    def logits(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
+        """Next-character logits ``(batch, time, vocab)`` of character ids ``x``."""
+        d, h = self.width, self.heads
+        it = iter(params)
+        emb, pos = next(it), next(it)
+        z = emb[x] + pos[: x.shape[1]]
+        b, t = x.shape
+        for _ in range(self.layers):
+            g1, b1, wqkv, bqkv, wo, bo, g2, b2, w1, bb1, w2, bb2 = (next(it) for _ in range(12))
+            a = F.layer_norm(z, (d,), g1, b1)
+            q, k, v = F.linear(a, wqkv, bqkv).view(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
+            att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            z = z + F.linear(att.transpose(1, 2).reshape(b, t, d), wo, bo)
+            a = F.layer_norm(z, (d,), g2, b2)
+            z = z + F.linear(F.gelu(F.linear(a, w1, bb1)), w2, bb2)
+        gf, bf, wh, bh = it
+        return F.linear(F.layer_norm(z, (d,), gf, bf), wh, bh)
+
+    def sample_batch(self, generator: torch.Generator) -> Tensor:
+        """``batch_size`` random training windows of ``context + 1`` characters."""
+        return self._windows(self.train_ids, self.batch_size, generator)
+
+    def loss(self, params: Sequence[Tensor], batch: Optional[Tensor] = None) -> Tensor:
+        """Mean next-character cross-entropy (nats); the fixed training batch when ``batch`` is None."""
+        windows = self.eval_batch if batch is None else batch
+        logits = self.logits(params, windows[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, self.vocab_size), windows[:, 1:].reshape(-1))
+
+    @torch.no_grad()
+    def evaluate(self, params: Sequence[Tensor]) -> dict[str, float]:
+        """Loss and next-character accuracy on fixed windows of the held-out text."""
+        logits = self.logits(params, self.test_batch[:, :-1])
+        target = self.test_batch[:, 1:]
+        return {
+            "test_loss": float(F.cross_entropy(logits.reshape(-1, self.vocab_size), target.reshape(-1))),
+            "test_accuracy": float((logits.argmax(-1) == target).float().mean()),
+        }
+
+
+class NoisyQuadraticTask(QuadraticTask):
+    """:class:`~lightning_lopt.tasks.QuadraticTask` with additive Gaussian gradient noise.
+
+    The loss itself (and so the final training loss) is exact; only the gradients the
+    optimizer sees are noisy.
+
+    Args:
+        dim: Dimension (meta-training's quadratics have 20-100).
+        noise: Standard deviation of the gradient noise per coordinate.
+        seed: Seed of ``W`` and ``x*``.
+    """
+
+    family = "noisy_quadratic"
+
+    def __init__(self, dim: int = 2000, noise: float = 1.0, seed: int = 0) -> None:
+        super().__init__(dim=dim, seed=seed)
+        self.gradient_noise = float(noise)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A benchmark task: how to build it and how long to train it.
+
+    Attributes:
+        key: Short name used by ``--tasks`` (``a``, ``b``, ``b2``, ...).
+        name: Descriptive name (file names, tables).
+        title: One-line description.
+        group: Letter of the issue's task list; ``b`` and ``b2`` share one.
+        steps: Training steps in the full benchmark.
+        factory: Builds the task; keyword arguments override its defaults (tests make tiny ones).
+        kwargs: The benchmark's arguments of ``factory``.
+    """
+
+    key: str
+    name: str
+    title: str
+    group: str
+    steps: int
+    factory: Callable[..., Task]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+TASKS: dict[str, TaskSpec] = {
+    s.key: s
+    for s in (
+        TaskSpec("a", "mnist1d_mlp", "MLP 40-64-10 (ReLU) on MNIST-1D, batch 128", "a", 1000,
+                 MNIST1DMLPTask, dict(hidden_sizes=(64,), batch_size=128)),
+        TaskSpec("b", "digits_conv_relu", "conv net 8-16 (ReLU) on sklearn digits, batch 64", "b", 1000,
+                 DigitsConvNetActivationTask, dict(activation="relu", batch_size=64)),
+        TaskSpec("b2", "digits_conv_sigmoid", "conv net 8-16 (sigmoid) on sklearn digits, batch 64", "b", 1000,
+                 DigitsConvNetActivationTask, dict(activation="sigmoid", batch_size=64)),
+        TaskSpec("c", "char_lm", "2-layer char transformer (width 32, context 32) on pydoc_data text, batch 16",
+                 "c", 600, CharTransformerTask, dict()),
+        TaskSpec("d", "breast_cancer_logreg", "logistic regression on sklearn breast cancer, batch 32", "d", 500,
+                 BreastCancerLogRegTask, dict(batch_size=32)),
+        TaskSpec("e", "mnist1d_deep_mlp", "MLP 40-32x4-10 (ReLU) on MNIST-1D, batch 128, 5000 steps", "e", 5000,
+                 MNIST1DMLPTask, dict(hidden_sizes=(32, 32, 32, 32), batch_size=128)),
+        TaskSpec("f", "noisy_quadratic", "2000-dim quadratic 0.5|Wx-y|^2, gradient noise std 1", "f", 500,
+                 NoisyQuadraticTask, dict(dim=2000, noise=1.0)),
+    )
+}  # fmt: skip
+TASK_ALIASES = {"b'": "b2", **{s.name: s.key for s in TASKS.values()}}
+
+
+def resolve_task_keys(text: str) -> list[str]:
+    """Task keys from a comma-separated list of keys, names or ``b'``; ``all`` is every task."""
+    if text.strip() == "all":
+        return list(TASKS)
+    keys = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        key = TASK_ALIASES.get(item, item)
+        if key not in TASKS:
+            choices = ", ".join(f"{s.key} ({s.name})" for s in TASKS.values())
+            raise ValueError(f"Unknown task {item!r}; choose from {choices}.")
+        if key not in keys:
+            keys.append(key)
+    return keys
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_task(key: str, overrides: tuple[tuple[str, Any], ...]) -> Task:
+    spec = TASKS[key]
+    return spec.factory(**{**spec.kwargs, **dict(overrides)})
+
+
+def build_task(key: str, **overrides: Any) -> Task:
+    """The task ``key`` (cached per process; tasks hold only fixed data, never run state)."""
+    return _cached_task(key, tuple(sorted(overrides.items())))
+
+
+# ============================================================================ optimizers
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """One optimizer setting of the benchmark.
+
+    Attributes:
+        kind: ``learned``, ``adam``, ``rmsprop`` or ``sgd``.
+        lr: Learning rate (for ``learned``, the multiplier of the learned step).
+        variant: For ``learned``: ``default`` (the weights under test) or an ablation name.
+    """
+
+    kind: str
+    lr: float
+    variant: str = "default"
+
+    @property
+    def key(self) -> str:
+        """Stable identifier, e.g. ``adam@0.001`` or ``learned:no_attention@1``."""
+        name = self.kind if self.kind != "learned" or self.variant == "default" else f"learned:{self.variant}"
+        return f"{name}@{self.lr:.3g}"
+
+    @property
+    def label(self) -> str:
+        """Human-readable name."""
+        if self.kind == "learned":
+            return "learned" if self.variant == "default" else f"learned ({self.variant})"
+        return f"{KIND_LABELS[self.kind]} {self.lr:.3g}"
+
+
+def make_optimizer(
+    config: OptimizerConfig, params: list[Tensor], lopt: Optional[HierarchicalRNN], seed: int
+) -> torch.optim.Optimizer:
+    """The torch optimizer of ``config`` over ``params``."""
+    if config.kind == "learned":
+        if lopt is None:
+            raise ValueError("The learned optimizer needs weights.")
+        return HierarchicalRNNOptimizer(params, weights=lopt, lr=config.lr, seed=seed)
+    if config.kind == "adam":
+        return torch.optim.Adam(params, lr=config.lr)
+    if config.kind == "rmsprop":
+        return torch.optim.RMSprop(params, lr=config.lr)
+    if config.kind == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=0.9)
+    raise ValueError(f"Unknown optimizer kind {config.kind!r}.")
+
+
+@dataclass
+class Weights:
+    """Resolved weights of the learned optimizer.
+
+    Attributes:
+        spec: What was asked for (``default`` or a path).
+        description: What was loaded, for the report.
+        untrained: True when the untrained initialisation stands in for missing default weights.
+        digest: Hash of the configuration and tensors (part of the run cache key).
+        config: The HierarchicalRNN configuration.
+    """
+
+    spec: str
+    description: str
+    untrained: bool
+    digest: str
+    config: dict[str, Any]
+
+
+def _digest(model: HierarchicalRNN) -> str:
+    h = hashlib.sha256(json.dumps(model.config, sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=8)
+def load_lopt(spec: str) -> tuple[HierarchicalRNN, Weights]:
+    """Load weights as the optimizer would (``default`` falls back to the untrained initialisation)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load_weights(spec)
+    untrained = spec == "default" and not (WEIGHTS_DIR / "default.safetensors").exists()
+    if untrained:
+        description = "untrained initialisation (lightning_lopt/weights/default.safetensors is not shipped yet)"
+    elif spec == "default":
+        description = f"default ({WEIGHTS_DIR / 'default.safetensors'})"
+    else:
+        description = str(spec)
+    if caught and not untrained:
+        description += " [warnings: " + "; ".join(str(w.message) for w in caught) + "]"
+    return model, Weights(spec, description, untrained, _digest(model), dict(model.config))
+
+
+# ============================================================================ one run
+
+
+def is_diverged(initial_loss: float, final_loss: float, nonfinite: bool = False) -> bool:
+    """True when a run's loss went non-finite or ended above ``DIVERGENCE_FACTOR`` times its start."""
+    if nonfinite or not math.isfinite(final_loss):
+        return True
+    return final_loss > DIVERGENCE_FACTOR * initial_loss
+
+
+@torch.no_grad()
+def _full_loss(task: Task, params: Sequence[Tensor]) -> float:
+    return float(task.loss(params, None))
+
+
+def _eval_steps(steps: int, points: int) -> list[int]:
+    return sorted({int(round(i * steps / points)) for i in range(points + 1)})
+
+
+def run_one(
+    task: Task,
+    config: OptimizerConfig,
+    seed: int,
+    steps: int,
+    lopt: Optional[HierarchicalRNN] = None,
+    eval_points: int = 50,
+    curve_points: int = 200,
+    progress: Optional[Callable[[int], None]] = None,
+) -> dict[str, Any]:
+    """Train ``task`` with one optimizer setting and seed; return the run's record.
+
+    The minibatch loss is recorded at every step where the optimizer takes its gradient (the
+    attended point for the learned optimizer with attention) and stored as means over blocks of
+    steps (``curve``). Every ``steps / eval_points`` steps, and at the end, the training loss is
+    measured at the true parameters on the full training set (``eval_curve``). A run stops early
+    when its loss becomes non-finite.
+
+    Args:
+        task: The problem.
+        config: Optimizer and learning rate.
+        seed: Sets the initialisation, the minibatch order and the gradient noise.
+        steps: Optimizer steps.
+        lopt: Weights of the learned optimizer (``config.kind == "learned"`` only).
+        eval_points: Number of full training-loss evaluations after the initial one.
+        curve_points: Number of blocks of the minibatch-loss curve.
+        progress: Called with the number of steps just done (for progress bars).
+
+    Returns:
+        A JSON-serialisable dict: the setting, initial and final training loss, divergence flags,
+        test loss and accuracy (None without a test split), timings and both curves.
+    """
+    init_gen = make_generator(1_000_003 * (seed + 1))
+    batch_gen = make_generator(2_000_003 * (seed + 1))
+    noise_gen = make_generator(3_000_017 * (seed + 1))
+    params = [p.detach().clone().requires_grad_(True) for p in task.init_params(init_gen)]
+    opt = make_optimizer(config, params, lopt, seed)
+    learned = isinstance(opt, HierarchicalRNNOptimizer)
+
+    def at_true_params(fn: Callable[[], Any]) -> Any:
+        # With attention the model holds the look-ahead point while training.
+        if learned:
+            opt.eval()
+        try:
+            return fn()
+        finally:
+            if learned:
+                opt.train()
+
+    t_start = time.perf_counter()
+    initial_loss = _full_loss(task, params)
+    eval_at = set(_eval_steps(steps, eval_points))
+    eval_steps, eval_curve = [0], [initial_loss]
+    block = max(1, math.ceil(steps / curve_points))
+    curve_steps: list[int] = []
+    curve: list[float] = []
+    block_sum, block_n = 0.0, 0
+    nonfinite = False
+    train_seconds = 0.0
+    done = reported = 0
+    with warnings.catch_warnings():
+        # A diverging baseline makes the learned optimizer's skip warning irrelevant noise here.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for t in range(steps):
+            t0 = time.perf_counter()
+            batch = task.sample_batch(batch_gen)
+            loss = task.loss(params, batch)
+            grads = torch.autograd.grad(loss, params)
+            grads = task.transform_grads(grads, noise_gen)
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.step()
+            value = float(loss.detach())
+            train_seconds += time.perf_counter() - t0
+            done = t + 1
+            block_sum += value
+            block_n += 1
+            if block_n == block or done == steps or not math.isfinite(value):
+                curve_steps.append(done)
+                curve.append(block_sum / block_n)
+                block_sum, block_n = 0.0, 0
+            if progress is not None and (done % 10 == 0 or done == steps):
+                progress(done - reported)
+                reported = done
+            if not math.isfinite(value):
+                nonfinite = True
+                break
+            if done in eval_at and done != steps:
+                eval_steps.append(done)
+                eval_curve.append(at_true_params(lambda: _full_loss(task, params)))
+    if progress is not None and reported < steps:
+        progress(steps - reported)  # a run stopped early still fills its share of the bar
+    final_loss = at_true_params(lambda: _full_loss(task, params))
+    if eval_steps[-1] != done:
+        eval_steps.append(done)
+        eval_curve.append(final_loss)
+    nonfinite = nonfinite or not math.isfinite(final_loss)
+    metrics: dict[str, float] = {}
+    evaluate = getattr(task, "evaluate", None)
+    if evaluate is not None:
+        metrics = at_true_params(lambda: evaluate(params))
+    seconds = time.perf_counter() - t_start
+    return {
+        "optimizer": config.key,
+        "kind": config.kind,
+        "lr": config.lr,
+        "variant": config.variant,
+        "seed": seed,
+        "steps": steps,
+        "steps_done": done,
+        "initial_loss": initial_loss,
+        "final_loss": final_loss,
+        "nonfinite": nonfinite,
+        "diverged": is_diverged(initial_loss, final_loss, nonfinite),
+        "skipped_steps": opt.skipped_steps if learned else 0,
+        "test_accuracy": metrics.get("test_accuracy"),
+        "test_loss": metrics.get("test_loss"),
+        "seconds": seconds,
+        "train_seconds": train_seconds,
+        "seconds_per_step": train_seconds / max(done, 1),
+        "num_params": sum(p.numel() for p in params),
+        "curve_steps": curve_steps,
+        "curve": curve,
+        "eval_steps": eval_steps,
+        "eval_curve": eval_curve,
+    }
+
+
+# ============================================================================ jobs and cache
+
+
+@dataclass(frozen=True)
+class Job:
+    """One (task, optimizer setting, seed) run of the benchmark."""
+
+    task: str
+    config: OptimizerConfig
+    seed: int
+    steps: int
+    weights: Optional[str]  # path or "default" for learned runs, else None
+    eval_points: int
+    task_overrides: tuple[tuple[str, Any], ...] = ()
+
+    def signature(self, weights_digest: Optional[str]) -> str:
+        """Hash of everything that determines the run's result."""
+        spec = TASKS[self.task]
+        payload = dict(
+            version=1,
+            task=self.task,
+            task_kwargs={**spec.kwargs, **dict(self.task_overrides)},
+            optimizer=self.config.key,
+            seed=self.seed,
+            steps=self.steps,
+            eval_points=self.eval_points,
+            weights=weights_digest,
+        )
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _clean(value: Any) -> Any:
+    # JSON has no NaN or infinity; they are written as strings so that a reload keeps them.
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _unclean(value: Any) -> Any:
+    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _unclean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unclean(v) for v in value]
+    return value
+
+
+def _cache_path(out: Path, job: Job) -> Path:
+    safe = job.config.key.replace(":", "-").replace("@", "_lr")
+    return out / "runs" / TASKS[job.task].name / f"{safe}_seed{job.seed}.json"
+
+
+def _execute(job: Job, threads: int, progress: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        task = build_task(job.task, **dict(job.task_overrides))
+        lopt, weights = load_lopt(job.weights) if job.weights is not None else (None, None)
+        record = run_one(
+            task, job.config, job.seed, job.steps, lopt=lopt, eval_points=job.eval_points, progress=progress
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
+    record["task"] = job.task
+    record["weights_digest"] = weights.digest if weights else None
+    return record
+
+
+def _execute_in_worker(job: Job, threads: int) -> dict[str, Any]:
+    warnings.simplefilter("ignore")
+    return _execute(job, threads)
+
+
+def run_jobs(
+    jobs: Sequence[Job],
+    out: Path,
+    threads: int = 1,
+    workers: int = 1,
+    use_cache: bool = True,
+    show_progress: bool = True,
+) -> tuple[list[dict[str, Any]], int]:
+    """Run (or reload from ``out/runs``) every job, with a progress bar.
+
+    Returns:
+        The records of all jobs, in order, and how many were run (not reloaded).
+    """
+    from tqdm.auto import tqdm
+
+    digests = {spec: load_lopt(spec)[1].digest for spec in {j.weights for j in jobs if j.weights is not None}}
+    records: list[Optional[dict[str, Any]]] = [None] * len(jobs)
+    todo = []
+    for i, job in enumerate(jobs):
+        sig = job.signature(digests.get(job.weights))
+        path = _cache_path(out, job)
+        if use_cache and path.exists():
+            try:
+                cached = _unclean(json.loads(path.read_text()))
+                if cached.get("signature") == sig:
+                    records[i] = cached
+                    continue
+            except (OSError, ValueError):
+                pass  # an unreadable cache entry is simply run again
+        todo.append((i, job, sig, path))
+
+    def save(i: int, job: Job, sig: str, path: Path, record: dict[str, Any]) -> None:
+        record["signature"] = sig
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(_clean(record)))
+        tmp.replace(path)  # an interrupted benchmark never leaves a half-written cache entry
+        records[i] = record
+
+    total_steps = sum(j.steps for _, j, _, _ in todo)
+    bar = tqdm(
+        total=total_steps, desc="benchmark", unit="step", disable=not show_progress, dynamic_ncols=True, mininterval=0.5
+    )
+    bar.set_postfix_str(f"{len(jobs) - len(todo)} cached, {len(todo)} to run")
+    try:
+        if workers <= 1:
+            for n, (i, job, sig, path) in enumerate(todo):
+                bar.set_description(f"[{n + 1}/{len(todo)}] {TASKS[job.task].name} {job.config.label} s{job.seed}")
+                save(i, job, sig, path, _execute(job, threads, progress=bar.update))
+        else:
+            ctx = multiprocessing.get_context("spawn")  # fork after torch's thread pools start can deadlock
+            with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                futures = {pool.submit(_execute_in_worker, item[1], threads): item for item in todo}
+                for n, fut in enumerate(cf.as_completed(futures)):
+                    i, job, sig, path = futures[fut]
+                    save(i, job, sig, path, fut.result())
+                    bar.update(job.steps)
+                    bar.set_description(f"[{n + 1}/{len(todo)}] {TASKS[job.task].name} {job.config.label} s{job.seed}")
+    finally:
+        bar.close()
+    return [r for r in records if r is not None], len(todo)
+
+
+# ============================================================================ aggregation
+
+
+def _stats(values: Sequence[float]) -> dict[str, Any]:
+    arr = np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
+    finite = bool(np.isfinite(arr).all()) and arr.size > 0
+    return {
+        "mean": float(arr.mean()) if finite else math.inf,
+        "std": float(arr.std()) if finite else math.nan,
+        "min": float(np.nanmin(arr)) if np.isfinite(arr).any() else math.nan,
+        "max": float(arr.max()) if finite else math.inf,
+        "values": [float(v) for v in arr],
+    }
+
+
+def _mean_curve(runs: Sequence[dict[str, Any]], steps_key: str, values_key: str) -> tuple[list[int], list[float]]:
+    # Runs of one config share their step grid; a run stopped early is padded with NaN.
+    longest = max(runs, key=lambda r: len(r[steps_key]))
+    grid = list(longest[steps_key])
+    rows = []
+    for r in runs:
+        vals = list(r[values_key]) + [math.nan] * (len(grid) - len(r[values_key]))
+        rows.append(vals[: len(grid)])
+    with np.errstate(all="ignore"):
+        mean = np.asarray(rows, dtype=np.float64).mean(0)
+    return grid, [float(v) for v in mean]
+
+
+def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Statistics over the seeds of one (task, optimizer setting).
+
+    The mean final loss is infinite when any seed's loss went non-finite, so such a setting is
+    never chosen as the tuned baseline.
+    """
+    first = runs[0]
+    accuracies = [r["test_accuracy"] for r in runs if r.get("test_accuracy") is not None]
+    eval_steps, eval_mean = _mean_curve(runs, "eval_steps", "eval_curve")
+    curve_steps, curve_mean = _mean_curve(runs, "curve_steps", "curve")
+    return {
+        "optimizer": first["optimizer"],
+        "kind": first["kind"],
+        "lr": first["lr"],
+        "variant": first.get("variant", "default"),
+        "seeds": [r["seed"] for r in runs],
+        # A run whose loss went non-finite on the way counts as infinite even if it ended finite.
+        "final_loss": _stats([math.inf if r["nonfinite"] else r["final_loss"] for r in runs]),
+        "initial_loss": _stats([r["initial_loss"] for r in runs]),
+        "test_accuracy": _stats(accuracies) if accuracies else None,
+        "diverged_seeds": [r["seed"] for r in runs if r["diverged"]],
+        "seconds": float(np.mean([r["seconds"] for r in runs])),
+        "train_seconds": float(np.mean([r["train_seconds"] for r in runs])),
+        "seconds_per_step": float(np.mean([r["seconds_per_step"] for r in runs])),
+        "eval_steps": eval_steps,
+        "eval_mean": eval_mean,
+        "curve_steps": curve_steps,
+        "curve_mean": curve_mean,
+    }
+
+
+def select_tuned(summaries: Iterable[dict[str, Any]], kinds: Sequence[str] = BASELINE_KINDS) -> dict[str, Any]:
+    """The tuned baselines: per optimizer kind, and overall, the setting of lowest mean final loss.
+
+    Args:
+        summaries: Outputs of :func:`summarize` (any kinds; those not in ``kinds`` are ignored).
+        kinds: Baseline kinds to tune over.
+
+    Returns:
+        ``{"adam": summary, "rmsprop": summary, "sgd": summary, "best": summary}``; a kind is
+        missing when it has no setting, and ``best`` is None when no setting has a finite mean.
+        Ties keep the first setting seen.
+    """
+    chosen: dict[str, Any] = {}
+    for s in summaries:
+        if s["kind"] not in kinds:
+            continue
+        current = chosen.get(s["kind"])
+        if current is None or s["final_loss"]["mean"] < current["final_loss"]["mean"]:
+            chosen[s["kind"]] = s
+    finite = [s for s in chosen.values() if math.isfinite(s["final_loss"]["mean"])]
+    chosen["best"] = min(finite, key=lambda s: s["final_loss"]["mean"]) if finite else None
+    return chosen
+
+
+def steps_to_reach(steps: Sequence[int], losses: Sequence[float], target: float) -> Optional[int]:
+    """First step at which ``losses`` is at or below ``target``; None if never (NaN never counts)."""
+    for s, v in zip(steps, losses):
+        if v is not None and math.isfinite(v) and v <= target:
+            return int(s)
+    return None
+
+
+# ============================================================================ ablation
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """A variant of the learned optimizer for the paper's ablation.
+
+    Attributes:
+        name: Key used by ``--ablation-weights``.
+        title: What is ablated.
+        config_key: The HierarchicalRNN argument that makes the variant.
+        config_value: Its value in the variant's weights.
+    """
+
+    name: str
+    title: str
+    config_key: str
+    config_value: Any
+
+    def mismatch(self, config: dict[str, Any]) -> Optional[str]:
+        """Why weights with ``config`` are not this variant, or None when they are."""
+        value = config.get(self.config_key)
+        return None if value == self.config_value else f"its config has {self.config_key}={value!r}"
+
+    def unsupported(self) -> Optional[str]:
+        """Why HierarchicalRNN cannot express this variant, or None."""
+        import inspect
+
+        if self.config_key in inspect.signature(HierarchicalRNN.__init__).parameters:
+            return None
+        return (
+            f"HierarchicalRNN has no `{self.config_key}` argument (no switch for: {self.title}), "
+            "so this variant can be neither built nor loaded"
+        )
+
+
+ABLATIONS: dict[str, Ablation] = {
+    a.name: a
+    for a in (
+        Ablation("no_attention", "attention off", "attention", False),
+        Ablation("one_timescale", "one momentum timescale instead of four", "num_timescales", 1),
+        Ablation("param_rnn_only", "parameter RNN only (no tensor or global RNN)", "param_rnn_only", True),
+    )
+}
+
+
+def parse_ablation_weights(text: Optional[str]) -> dict[str, str]:
+    """``name=PATH,name=PATH`` into a dict, checking the names."""
+    result: dict[str, str] = {}
+    for item in (t.strip() for t in (text or "").split(",") if t.strip()):
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            raise ValueError(f"--ablation-weights entries look like name=PATH, got {item!r}.")
+        if name not in ABLATIONS:
+            raise ValueError(f"Unknown ablation {name!r}; choose from {', '.join(ABLATIONS)}.")
+        result[name] = path
+    return result
+
+
+def plan_ablations(paths: dict[str, str], full_config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """For each ablation: run it (with which weights) or why it is skipped.
+
+    Untrained weights are never substituted: a variant without meta-trained weights is skipped.
+
+    Returns:
+        ``{name: {"title", "status": "run"|"skipped", "reason", "weights", "other_differences"}}``.
+    """
+    plan: dict[str, dict[str, Any]] = {}
+    for name, ab in ABLATIONS.items():
+        entry: dict[str, Any] = {"title": ab.title, "status": "skipped", "reason": None, "weights": paths.get(name)}
+        unsupported = ab.unsupported()
+        if unsupported:
+            entry["reason"] = f"not supported: {unsupported}"
+        elif name not in paths:
+            entry["reason"] = f"no meta-trained weights given (--ablation-weights {name}=PATH)"
+        else:
+            try:
+                _, w = load_lopt(paths[name])
+            except (OSError, ValueError) as err:
+                entry["reason"] = f"weights could not be loaded: {err}"
+            else:
+                wrong = ab.mismatch(w.config)
+                if wrong:
+                    entry["reason"] = f"{paths[name]} is not this variant: {wrong}"
+                else:
+                    entry["status"] = "run"
+                    entry["description"] = w.description
+                    ignore = {"seed", ab.config_key}
+                    entry["other_differences"] = {
+                        k: [full_config.get(k), v]
+                        for k, v in w.config.items()
+                        if k not in ignore and full_config.get(k) != v
+                    }
+        plan[name] = entry
+    return plan
+
+
+# ============================================================================ reporting
+
+
+def _fmt(x: Optional[float], digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and math.isnan(x):
+        return "nan"
+    if isinstance(x, float) and math.isinf(x):
+        return "inf"
+    return f"{x:.{digits}g}"
+
+
+def _fmt_loss(s: Optional[dict[str, Any]]) -> str:
+    if s is None:
+        return "-"
+    st = s["final_loss"]
+    n = len(st["values"])
+    if not math.isfinite(st["mean"]):
+        bad = sum(1 for v in st["values"] if not math.isfinite(v))
+        return f"non-finite ({bad}/{n})"
+    return _fmt(st["mean"]) if n == 1 else f"{_fmt(st['mean'])} ± {_fmt(st['std'], 2)}"
+
+
+def _fmt_acc(s: Optional[dict[str, Any]]) -> str:
+    if s is None or s.get("test_accuracy") is None:
+        return "-"
+    st = s["test_accuracy"]
+    if not math.isfinite(st["mean"]):
+        return "nan"
+    return f"{100 * st['mean']:.1f}%" if len(st["values"]) == 1 else f"{100 * st['mean']:.1f} ± {100 * st['std']:.1f}%"
+
+
+def _at_edge(lr: float, sweep: Sequence[float]) -> bool:
+    return bool(sweep) and (math.isclose(lr, min(sweep)) or math.isclose(lr, max(sweep)))
+
+
+def _with_lr(s: Optional[dict[str, Any]], sweep: Sequence[float]) -> str:
+    if s is None:
+        return "-"
+    edge = " (edge)" if _at_edge(s["lr"], sweep) else ""
+    return f"{_fmt_loss(s)} @ {s['lr']:.3g}{edge}"
+
+
+def _ratio(a: float, b: Optional[float]) -> Optional[float]:
+    if b is None or not (math.isfinite(a) and math.isfinite(b)) or b <= 0:
+        return None
+    return a / b
+
+
+def analyse_task(summaries: dict[str, dict[str, Any]], sweeps: dict[str, Sequence[float]]) -> dict[str, Any]:
+    """Comparisons of one task: learned vs Adam 1e-3 vs the tuned baselines, steps to reach, divergence."""
+    learned = summaries.get(OptimizerConfig("learned", 1.0).key)
+    adam = summaries.get(OptimizerConfig("adam", ADAM_DEFAULT_LR).key)
+    tuned = select_tuned(summaries.values())
+    best = tuned.get("best")
+    result: dict[str, Any] = {
+        "learned": learned["optimizer"] if learned else None,
+        "adam_default": adam["optimizer"] if adam else None,
+        "tuned": {k: (v["optimizer"] if v else None) for k, v in tuned.items()},
+        "tuned_at_sweep_edge": {k: bool(v and _at_edge(v["lr"], sweeps[v["kind"]])) for k, v in tuned.items()},
+    }
+    if learned:
+        lm = learned["final_loss"]["mean"]
+        result["beats_adam_default"] = bool(adam and lm < adam["final_loss"]["mean"])
+        result["beats_best_tuned"] = bool(best and lm < best["final_loss"]["mean"])
+        result["ratio_to_adam_default"] = _ratio(lm, adam["final_loss"]["mean"] if adam else None)
+        result["ratio_to_best_tuned"] = _ratio(lm, best["final_loss"]["mean"] if best else None)
+        target = best["final_loss"]["mean"] if best else math.nan
+        result["steps_to_best_tuned"] = steps_to_reach(learned["eval_steps"], learned["eval_mean"], target)
+        result["eval_interval"] = learned["eval_steps"][1] if len(learned["eval_steps"]) > 1 else None
+        result["learned_diverged_seeds"] = learned["diverged_seeds"]
+    diverged = {k: s["diverged_seeds"] for k, s in summaries.items() if s["diverged_seeds"]}
+    result["diverged"] = diverged
+    return result
+
+
+def bar_summary(analyses: dict[str, dict[str, Any]], task_keys: Sequence[str], full: bool = True) -> dict[str, Any]:
+    """Counts for the issue's bar: tasks where the learned optimizer wins, and divergences.
+
+    Counts are per task row and per lettered group (``b`` and ``b2`` form group ``b``, which
+    counts as won only when both rows are won). The bar is judged only on a full benchmark
+    (``full``: not ``--quick``, with every task).
+    """
+    rows = [k for k in task_keys if analyses.get(k, {}).get("learned")]
+    beats_adam = [k for k in rows if analyses[k].get("beats_adam_default")]
+    beats_best = [k for k in rows if analyses[k].get("beats_best_tuned")]
+    diverged = {k: analyses[k]["learned_diverged_seeds"] for k in rows if analyses[k].get("learned_diverged_seeds")}
+    groups: dict[str, list[str]] = {}
+    for k in rows:
+        groups.setdefault(TASKS[k].group, []).append(k)
+    g_adam = [g for g, ks in groups.items() if all(k in beats_adam for k in ks)]
+    g_best = [g for g, ks in groups.items() if all(k in beats_best for k in ks)]
+    complete = full and all(k in rows for k in TASKS)
+    return {
+        "rows": rows,
+        "beats_adam_default": beats_adam,
+        "beats_best_tuned": beats_best,
+        "groups": sorted(groups),
+        "groups_beating_adam_default": sorted(g_adam),
+        "groups_beating_best_tuned": sorted(g_best),
+        "learned_diverged": diverged,
+        "bar_applicable": complete,
+        "bar_met": bool(len(g_adam) >= 5 and len(g_best) >= 2 and not diverged) if complete else None,
+    }
+
+
+def _label(summary: dict[str, Any]) -> str:
+    if summary["kind"] == "learned":
+        return "learned" if summary["variant"] == "default" else f"learned ({summary['variant']})"
+    return f"{KIND_LABELS[summary['kind']]} {summary['lr']:.3g}"
+
+
+def _lookup(summaries: dict[str, Any], key: Optional[str]) -> Optional[dict[str, Any]]:
+    return summaries.get(key) if key else None
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """The markdown report of a benchmark's ``results`` dict."""
+    meta = results["meta"]
+    sweeps = meta["sweeps"]
+    lines = [
+        "# Learned optimizer vs tuned baselines on held-out tasks",
+        "",
+        f"- command: `{meta['command']}`",
+        f"- machine: {meta['machine']}",
+        f"- date: {meta['date']}; total wall time {meta['wall_seconds'] / 60:.1f} min "
+        f"({meta['runs_executed']} runs executed, {meta['runs_cached']} reused from the cache)",
+        f"- learned optimizer weights: {meta['weights']['description']} (digest {meta['weights']['digest']}), "
+        "untuned, lr multiplier 1.0",
+        f"- mode: {'quick' if meta['quick'] else 'full'}; seeds {meta['seeds']}; steps scale {meta['steps_scale']}; "
+        "sweeps: " + "; ".join(f"{KIND_LABELS[k]} {', '.join(f'{v:.3g}' for v in vs)}" for k, vs in sweeps.items()),
+        "- final training loss = mean over seeds ± std, at the true parameters on the whole training set "
+        "(char LM: a fixed batch of 256 training windows); `@ lr` is the chosen learning rate, "
+        "`(edge)` marks a choice at the end of the sweep",
+        "",
+    ]
+    if meta["weights"]["untrained"]:
+        lines += [
+            "> **The learned optimizer here runs the untrained initialisation** (no meta-trained default weights "
+            "exist yet); its numbers say nothing about meta-trained quality. Pass `--weights PATH`.",
+            "",
+        ]
+    lines += [
+        "## Final training loss",
+        "",
+        "| task | steps | learned | Adam 1e-3 | tuned Adam | tuned RMSProp | tuned SGD+m | best tuned "
+        "| learned / Adam 1e-3 | learned / best |",
+        "|---|---:|---|---|---|---|---|---|---:|---:|",
+    ]
+    for key, t in results["tasks"].items():
+        s, a = t["summaries"], t["analysis"]
+        get = functools.partial(_lookup, s)
+        tuned = a["tuned"]
+        best = get(tuned.get("best"))
+        best_txt = f"{KIND_LABELS[best['kind']]} {best['lr']:.3g}" if best else "-"
+        lines.append(
+            f"| {key} {t['name']} | {t['steps']} | {_fmt_loss(get(a['learned']))} | "
+            f"{_fmt_loss(get(a['adam_default']))} | "
+            + "".join(f"{_with_lr(get(tuned.get(k)), sweeps[k])} | " for k in BASELINE_KINDS)
+            + f"{best_txt} | "
+            f"{_fmt(a.get('ratio_to_adam_default'))} | {_fmt(a.get('ratio_to_best_tuned'))} |"
+        )
+    lines += [
+        "",
+        "## Held-out accuracy, steps to reach, time, divergence",
+        "",
+        "Steps to reach: first full-training-loss evaluation (every `interval` steps) at which the learned "
+        "optimizer's seed-mean loss is at or below the best tuned baseline's mean final loss. Time: mean seconds "
+        "of one run's training loop (without the evaluations), and per step.",
+        "",
+        "| task | test acc learned | test acc Adam 1e-3 | test acc best tuned | steps to reach best (interval) | "
+        "s/run learned | s/run Adam 1e-3 | ms/step learned / Adam | learned diverged | sweep runs diverged |",
+        "|---|---|---|---|---|---:|---:|---|---|---|",
+    ]
+    for key, t in results["tasks"].items():
+        s, a = t["summaries"], t["analysis"]
+        get = functools.partial(_lookup, s)
+        learned, adam, best = get(a["learned"]), get(a["adam_default"]), get(a["tuned"].get("best"))
+        reach = a.get("steps_to_best_tuned")
+        reach_txt = "-" if not learned else ("never" if reach is None else str(reach))
+        if learned and a.get("eval_interval"):
+            reach_txt += f" ({a['eval_interval']})"
+        div = a["diverged"]
+        sweep_div = sum(len(v) for k, v in div.items() if not k.startswith("learned"))
+        sweep_total = sum(len(x["seeds"]) for k, x in s.items() if not k.startswith("learned"))
+        learned_div = "-"
+        if learned:
+            n_bad = len(learned["diverged_seeds"])
+            learned_div = f"yes ({n_bad}/{len(learned['seeds'])})" if n_bad else "no"
+        ms = " / ".join(_fmt(1e3 * x["seconds_per_step"]) if x else "-" for x in (learned, adam))
+        secs = " | ".join(_fmt(x["train_seconds"]) if x else "-" for x in (learned, adam))
+        lines.append(
+            f"| {key} {t['name']} | {_fmt_acc(learned)} | {_fmt_acc(adam)} | {_fmt_acc(best)} | {reach_txt} | "
+            f"{secs} | "
+            f"{ms} | {learned_div} | {sweep_div}/{sweep_total} |"
+        )
+    diverged_lines = []
+    for key, t in results["tasks"].items():
+        s = t["summaries"]
+        bad = [f"{_label(s[k])} ({len(v)}/{len(s[k]['seeds'])})" for k, v in t["analysis"]["diverged"].items()]
+        if bad:
+            diverged_lines.append(f"- {key} {t['name']}: " + ", ".join(bad))
+    lines += [
+        "",
+        f"Diverged runs (non-finite loss, or final loss > {DIVERGENCE_FACTOR:g}x the initial loss):",
+        "",
+        *(diverged_lines or ["- none"]),
+    ]
+    bar = results["bar"]
+    n = len(bar["rows"])
+    verdicts = {True: "**met**", False: "**not met**", None: "not judged (only on the full benchmark of every task)"}
+    verdict = verdicts[bar["bar_met"]]
+    lines += [
+        "",
+        "## Summary",
+        "",
+        f"**Learned optimizer: lower final training loss than Adam 1e-3 on {len(bar['beats_adam_default'])}/{n} tasks "
+        f"({', '.join(bar['beats_adam_default']) or 'none'}), than the best tuned baseline on "
+        f"{len(bar['beats_best_tuned'])}/{n} ({', '.join(bar['beats_best_tuned']) or 'none'}); "
+        f"learned-optimizer runs diverged: "
+        + (", ".join(f"{k} seeds {v}" for k, v in bar["learned_diverged"].items()) or "none")
+        + ".**",
+        "",
+        f"By task group (b and b' count as one, won only if both are won): beats Adam 1e-3 on "
+        f"{len(bar['groups_beating_adam_default'])}/{len(bar['groups'])} groups, the best tuned baseline on "
+        f"{len(bar['groups_beating_best_tuned'])}/{len(bar['groups'])}. Bar (at least 5 of 6 vs Adam 1e-3, 2 of 6 vs "
+        "the best tuned, no learned run diverges): "
+        + verdict
+        + ".",
+    ]
+    ablation = results.get("ablation")
+    if ablation:
+        lines += ["", "## Ablation (learned optimizer variants, final training loss)", ""]
+        names = list(ablation["plan"])
+        lines.append("| task | full model | " + " | ".join(f"{ABLATIONS[n].title}" for n in names) + " | Adam 1e-3 |")
+        lines.append("|---|---|" + "---|" * len(names) + "---|")
+        for key, t in results["tasks"].items():
+            s, a = t["summaries"], t["analysis"]
+            cells = []
+            for n in names:
+                p = ablation["plan"][n]
+                run = p["status"] == "run"
+                cells.append(_fmt_loss(s.get(OptimizerConfig("learned", 1.0, n).key)) if run else "skipped")
+            lines.append(
+                f"| {key} {t['name']} | {_fmt_loss(s.get(a['learned']) if a['learned'] else None)} | "
+                + " | ".join(cells)
+                + f" | {_fmt_loss(s.get(a['adam_default']) if a['adam_default'] else None)} |"
+            )
+        lines.append("")
+        for n, p in ablation["plan"].items():
+            if p["status"] == "run":
+                diff = p.get("other_differences") or {}
+                extra = f"; also differs from the full model in {diff}" if diff else ""
+                lines.append(f"- {ABLATIONS[n].title}: weights {p['description']}{extra}")
+            else:
+                lines.append(f"- {ABLATIONS[n].title}: skipped, {p['reason']}")
+    lines += ["", "## Loss curves", ""]
+    for key, t in results["tasks"].items():
+        if t.get("figure"):
+            lines.append(f"- {key} {t['name']}: [{t['figure']}]({t['figure']})")
+    lines += ["", "## Tasks", ""]
+    for key, t in results["tasks"].items():
+        lines.append(f"- **{key} {t['name']}**: {t['title']} ({t['num_params']} parameters)")
+    return "\n".join(lines) + "\n"
+
+
+_STYLE = {
+    "learned": dict(color="black", lw=2.2),
+    "adam_default": dict(color="tab:blue", ls="--", lw=1.6),
+    "adam": dict(color="tab:blue", lw=1.2, alpha=0.8),
+    "rmsprop": dict(color="tab:orange", lw=1.2, alpha=0.8),
+    "sgd": dict(color="tab:green", lw=1.2, alpha=0.8),
+}
+
+
+def plot_task(task_result: dict[str, Any], path: Path) -> Path:
+    """Loss curves of one task (mean over seeds, log scale): minibatch loss and full training loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s, a = task_result["summaries"], task_result["analysis"]
+    lines: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+    if a["learned"]:
+        lines.append(("learned (lr 1, untuned)", s[a["learned"]], _STYLE["learned"]))
+    for summ in s.values():
+        if summ["kind"] == "learned" and summ["variant"] != "default":
+            lines.append((f"learned: {summ['variant']}", summ, dict(color="grey", lw=1.4, ls=":")))
+    if a["adam_default"]:
+        lines.append(("Adam 1e-3 (default)", s[a["adam_default"]], _STYLE["adam_default"]))
+    for kind in BASELINE_KINDS:
+        key = a["tuned"].get(kind)
+        if key:
+            best = " (best)" if key == a["tuned"].get("best") else ""
+            lines.append((f"tuned {KIND_LABELS[kind]} {s[key]['lr']:.3g}{best}", s[key], _STYLE[kind]))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, summ, style in lines:
+        axes[0].plot(summ["curve_steps"], summ["curve_mean"], label=label, **style)
+        axes[1].plot(summ["eval_steps"], summ["eval_mean"], label=label, **style)
+    axes[0].set_title("minibatch training loss (where gradients are taken)")
+    axes[1].set_title("training loss at the true parameters")
+    for ax in axes:
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("loss (mean over seeds)")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"{task_result['key']} {task_result['name']}: {task_result['title']}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ============================================================================ driver
+
+
+def machine_description() -> str:
+    """CPU model, core count, OS and torch version."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    system = f"{platform.system()} {platform.release()}"
+    return f"{cpu}, {os.cpu_count()} cores, {system}, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def plan_jobs(
+    task_keys: Sequence[str],
+    seeds: int,
+    steps_scale: float,
+    sweeps: dict[str, Sequence[float]],
+    weights: str,
+    ablation_plan: Optional[dict[str, dict[str, Any]]] = None,
+    min_steps: int = 1,
+    eval_points: int = 50,
+    task_overrides: Optional[dict[str, dict[str, Any]]] = None,
+) -> list[Job]:
+    """Every run of the benchmark, learned optimizer first within each task."""
+    jobs = []
+    for key in task_keys:
+        steps = max(min_steps, int(round(TASKS[key].steps * steps_scale)))
+        overrides = tuple(sorted((task_overrides or {}).get(key, {}).items()))
+        configs: list[tuple[OptimizerConfig, Optional[str]]] = [(OptimizerConfig("learned", 1.0), weights)]
+        for name, p in (ablation_plan or {}).items():
+            if p["status"] == "run":
+                configs.append((OptimizerConfig("learned", 1.0, name), p["weights"]))
+        keys = set()
+        for kind in BASELINE_KINDS:
+            for lr in sweeps[kind]:
+                configs.append((OptimizerConfig(kind, float(lr)), None))
+                keys.add(OptimizerConfig(kind, float(lr)).key)
+        if OptimizerConfig("adam", ADAM_DEFAULT_LR).key not in keys:
+            configs.append((OptimizerConfig("adam", ADAM_DEFAULT_LR), None))
+        for config, w in configs:
+            for seed in range(seeds):
+                jobs.append(Job(key, config, seed, steps, w, min(eval_points, steps), overrides))
+    return jobs
+
+
+def run_benchmark(
+    task_keys: Sequence[str],
+    out: Path,
+    seeds: int = 3,
+    steps_scale: float = 1.0,
+    quick: bool = False,
+    weights: str = "default",
+    ablation: bool = False,
+    ablation_weights: Optional[dict[str, str]] = None,
+    threads: int = 1,
+    workers: int = 1,
+    use_cache: bool = True,
+    show_progress: bool = True,
+    task_overrides: Optional[dict[str, dict[str, Any]]] = None,
+    sweeps: Optional[dict[str, Sequence[float]]] = None,
+    eval_points: int = 50,
+    command: str = "",
+) -> dict[str, Any]:
+    """Run the benchmark and write ``results.md``, ``results.json`` and the curve PNGs to ``out``.
+
+    Args:
+        task_keys: Tasks to run (keys of :data:`TASKS`).
+        out: Output folder.
+        seeds: Seeds per optimizer setting.
+        steps_scale: Multiplies every task's steps (``--quick`` multiplies it by a further 0.2).
+        quick: Fewer steps and sweep points.
+        weights: Learned-optimizer weights (``default`` or a path).
+        ablation: Also run the ablation variants that have weights.
+        ablation_weights: Ablation name to weights path.
+        threads: torch threads per run.
+        workers: Runs in parallel processes.
+        use_cache: Reuse finished runs from ``out/runs``.
+        show_progress: Show tqdm progress bars.
+        task_overrides: Per task key, constructor arguments replacing the benchmark's (tests).
+        sweeps: Learning rates per baseline kind (default: :data:`SWEEPS`, thinned by ``quick``).
+        eval_points: Full training-loss evaluations per run.
+        command: The command line, for the report.
+
+    Returns:
+        The results dict (what ``results.json`` holds).
+    """
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if sweeps is None:
+        sweeps = {k: tuple(v[i] for i in QUICK_SWEEP_INDICES) if quick else v for k, v in SWEEPS.items()}
+    scale = steps_scale * (QUICK_STEPS_SCALE if quick else 1.0)
+    lopt, w = load_lopt(weights)
+    plan = plan_ablations(ablation_weights or {}, w.config) if ablation else None
+    jobs = plan_jobs(
+        task_keys, seeds, scale, sweeps, weights, plan,
+        min_steps=QUICK_MIN_STEPS if quick else 1, eval_points=eval_points, task_overrides=task_overrides,
+    )  # fmt: skip
+    t_runs = time.perf_counter()
+    records, executed = run_jobs(
+        jobs, out, threads=threads, workers=workers, use_cache=use_cache, show_progress=show_progress
+    )
+    executed_seconds = time.perf_counter() - t_runs
+    tasks: dict[str, Any] = {}
+    for key in task_keys:
+        spec = TASKS[key]
+        by_config: dict[str, list[dict[str, Any]]] = {}
+        for r in records:
+            if r["task"] == key:
+                by_config.setdefault(r["optimizer"], []).append(r)
+        summaries = {k: summarize(sorted(v, key=lambda r: r["seed"])) for k, v in by_config.items()}
+        task_result = {
+            "key": key,
+            "name": spec.name,
+            "title": spec.title,
+            "group": spec.group,
+            "steps": next(iter(by_config.values()))[0]["steps"],
+            "num_params": next(iter(by_config.values()))[0]["num_params"],
+            "summaries": summaries,
+            "analysis": analyse_task(summaries, sweeps),
+        }
+        fig = plot_task(task_result, out / f"curves_{spec.name}.png")
+        task_result["figure"] = fig.name
+        tasks[key] = task_result
+    results: dict[str, Any] = {
+        "meta": {
+            "command": command,
+            "machine": machine_description(),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "quick": quick,
+            "seeds": seeds,
+            "steps_scale": scale,
+            "sweeps": {k: [float(v) for v in vals] for k, vals in sweeps.items()},
+            "weights": dataclasses.asdict(w),
+            "threads": threads,
+            "workers": workers,
+            "divergence_factor": DIVERGENCE_FACTOR,
+            "runs_total": len(jobs),
+            "runs_cached": len(jobs) - executed,
+            "runs_executed": executed,
+            "run_seconds": executed_seconds,
+            "wall_seconds": 0.0,
+        },
+        "tasks": tasks,
+        "bar": bar_summary({k: t["analysis"] for k, t in tasks.items()}, task_keys, full=not quick),
+        "runs": records,
+    }
+    if plan is not None:
+        results["ablation"] = {"plan": plan}
+    results["meta"]["wall_seconds"] = time.perf_counter() - t0
+    md = render_markdown(results)
+    (out / "results.md").write_text(md)
+    (out / "results.json").write_text(json.dumps(_clean(results), indent=1))
+    results["markdown"] = md
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    p = argparse.ArgumentParser(
+        prog="lightning-lopt-bench",
+        description="Final training loss of the learned optimizer against tuned Adam, RMSProp and SGD with "
+        "momentum on held-out tasks; writes results.md, results.json and curves_<task>.png.",
+    )
+    names = ", ".join(f"{s.key}={s.name}" for s in TASKS.values())
+    p.add_argument("--tasks", default="all", help=f"comma-separated task keys or names: {names} (default: all)")
+    p.add_argument("--out", default="runs/bench_quality", help="output folder (finished runs are cached in OUT/runs)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3, --quick 1)")
+    p.add_argument(
+        "--weights", default="default", help="learned-optimizer weights: 'default' or a .safetensors/.ckpt path"
+    )
+    p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every task's steps (after --quick's 0.2)")
+    p.add_argument(
+        "--quick", action="store_true", help="0.2x steps (at least 50), 4 sweep points, 1 seed: under 10 minutes"
+    )
+    p.add_argument("--ablation", action="store_true", help="also run the learned-optimizer ablation variants")
+    p.add_argument(
+        "--ablation-weights",
+        default=None,
+        metavar="NAME=PATH,...",
+        help="meta-trained weights of the variants: " + ", ".join(ABLATIONS),
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1: the models are small)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel worker processes (default 1)")
+    p.add_argument("--no-cache", action="store_true", help="rerun every run instead of reusing OUT/runs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``lightning-lopt-bench`` and ``python -m lightning_lopt.bench.quality``."""
+    args = build_parser().parse_args(argv)
+    try:
+        keys = resolve_task_keys(args.tasks)
+        ablation_weights = parse_ablation_weights(args.ablation_weights)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if ablation_weights and not args.ablation:
+        print("error: --ablation-weights needs --ablation", file=sys.stderr)
+        return 2
+    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+    given = list(sys.argv[1:] if argv is None else argv)
+    command = " ".join(shlex.quote(a) for a in ["lightning-lopt-bench", *given])
+    try:
+        results = run_benchmark(
+            keys, Path(args.out), seeds=seeds, steps_scale=args.steps_scale, quick=args.quick, weights=args.weights,
+            ablation=args.ablation, ablation_weights=ablation_weights, threads=args.threads, workers=args.jobs,
+            use_cache=not args.no_cache, show_progress=not args.no_progress, command=command,
+        )  # fmt: skip
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(results["markdown"])
+    print(f"Wrote {Path(args.out) / 'results.md'}, results.json and curves_*.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,382 @@
+"""Speed and memory benchmark of the hierarchical RNN optimizer step against Adam.
+
+Run ``python -m lightning_lopt.bench.speed`` (``--help`` for options). It prints markdown tables:
+
+* the optimizer step time (median after warm-up), optimizer-state bytes per parameter and the
+  step's transient peak memory for :class:`~lightning_lopt.HierarchicalRNNOptimizer` and
+  ``torch.optim.Adam`` (``foreach`` and ``fused``), at several parameter counts, for a realistic
+  mix of tensor shapes and for one big tensor;
+* the step's achieved GFLOP/s, counting the parameter-level GRU and read-outs (the FLOP count per
+  parameter is derived from the architecture and printed), against this machine's fp32
+  matrix-multiply peak measured in the same run;
+* the meta-training throughput: inner steps per second of the differentiable step, with the
+  backward pass through an unroll, on a batch of small problems held in one layout.
+
+Timings on a shared machine are noisy; every figure is a median over repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from lightning_lopt.hrnn import HierarchicalRNN, Layout
+from lightning_lopt.optimizer import HierarchicalRNNOptimizer
+
+__all__ = ["flops_per_parameter", "main", "matmul_peak_gflops", "mixed_shapes", "meta_training_throughput"]
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def flops_per_parameter(lopt: HierarchicalRNN) -> int:
+    """FLOPs per parameter per step in the products of the parameter-level GRU and its read-outs.
+
+    Counts the multiply-adds of the gate and candidate products, the direction, attention, log
+    learning rate and decay read-outs and the momentum shortcuts (2 FLOPs each). Element-wise work
+    (features, activations) is not counted: it is what the fraction of peak must absorb.
+    """
+    hp, nf, k = lopt.param_units, lopt.num_features, lopt.num_timescales
+    gru = 2 * (nf + hp) * 3 * hp
+    readouts = 2 * hp * (4 + int(lopt.attention)) + 2 * k * (1 + int(lopt.attention))
+    return gru + readouts
+
+
+def mixed_shapes(n: int, blocks: int = 4) -> list[tuple[int, ...]]:
+    """Parameter shapes of a small transformer-like model with about ``n`` parameters.
+
+    ``blocks`` blocks of width ``w`` (fused qkv, projection, layer norms, a 4x MLP, with biases)
+    and a classifier head: about ``12 w^2`` parameters per block in 12 tensors of very different
+    sizes, as in real models.
+    """
+    w = max(4, int(round((-13 + math.sqrt(169 + 48 * n / blocks)) / 24)))
+    shapes: list[tuple[int, ...]] = []
+    for _ in range(blocks):
+        shapes += [(3 * w, w), (3 * w,), (w, w), (w,), (w,), (w,), (4 * w, w), (4 * w,), (w, 4 * w), (w,), (w,), (w,)]
+    shapes += [(10, w), (10,)]
+    return shapes
+
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 7, dtype: torch.dtype = torch.float32) -> float:
+    """Best achieved GFLOP/s of a square ``torch.mm`` (all threads): this machine's practical peak."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best / 1e9
+
+
+def _memory_kib() -> tuple[int, int]:
+    """(peak, current) resident set size of this process in KiB (Linux)."""
+    try:
+        text = open("/proc/self/status").read()
+    except OSError:
+        return 0, 0
+    hwm = re.search(r"VmHWM:\s+(\d+)", text)
+    rss = re.search(r"VmRSS:\s+(\d+)", text)
+    return (int(hwm.group(1)) if hwm else 0), (int(rss.group(1)) if rss else 0)
+
+
+def _reset_peak_memory() -> None:
+    # Writing 5 to clear_refs resets VmHWM (Linux >= 4.0), so one process can measure many peaks.
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _state_bytes(opt: torch.optim.Optimizer) -> int:
+    seen: set[int] = set()
+    total = 0
+
+    def visit(value: Any) -> None:
+        nonlocal total
+        if isinstance(value, torch.Tensor):
+            key = value.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += value.untyped_storage().nbytes()
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
+
+    visit(opt.state)
+    return total
+
+
+@dataclass
+class StepResult:
+    """One row of the step table."""
+
+    name: str
+    case: str
+    numel: int
+    num_tensors: int
+    step_ms: float
+    first_step_s: float
+    state_bytes_per_param: float
+    peak_mib: float
+
+
+def _accepts(cls: type, name: str) -> bool:
+    return name in inspect.signature(cls.__init__).parameters
+
+
+def _make_hrnn(**kwargs: Any) -> Optional[Callable[[list[torch.Tensor]], torch.optim.Optimizer]]:
+    lopt = HierarchicalRNN()
+    for key in kwargs:
+        if not _accepts(HierarchicalRNNOptimizer, key):
+            return None  # this version of the optimizer has no such option
+
+    def make(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        return HierarchicalRNNOptimizer(params, weights=lopt, **kwargs)
+
+    return make
+
+
+def optimizer_factories(compile_modes: Sequence[str]) -> list[tuple[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]]]:
+    """The optimizers to compare, by row name."""
+    rows: list[tuple[str, Any]] = [
+        ("Adam foreach", lambda p: torch.optim.Adam(p, lr=1e-3, foreach=True)),
+        ("Adam fused", lambda p: torch.optim.Adam(p, lr=1e-3, fused=True)),
+    ]
+    for mode in compile_modes:
+        if mode == "default":
+            rows.append(("HRNN", _make_hrnn()))
+            rows.append(("HRNN bf16 state", _make_hrnn(state_dtype=torch.bfloat16)))
+        elif mode == "eager":
+            rows.append(("HRNN eager", _make_hrnn(compile=False)))
+        elif mode == "compiled":
+            rows.append(("HRNN compiled", _make_hrnn(compile=True)))
+            rows.append(("HRNN compiled bf16 state", _make_hrnn(compile=True, state_dtype=torch.bfloat16)))
+        elif mode == "unchunked":
+            rows.append(("HRNN eager unchunked", _make_hrnn(compile=False, chunk_size=0)))
+    return [(name, make) for name, make in rows if make is not None]
+
+
+def time_step(
+    name: str,
+    make: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
+    shapes: Sequence[tuple[int, ...]],
+    case: str,
+    warmup: int,
+    repeats: int,
+    seed: int = 0,
+) -> StepResult:
+    """Median time of ``optimizer.step()`` on fixed random gradients, after ``warmup`` steps."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    numel = sum(p.numel() for p in params)
+    opt = make(params)
+    t0 = time.perf_counter()
+    opt.step()
+    first = time.perf_counter() - t0
+    for _ in range(max(0, warmup - 1)):
+        opt.step()
+    _, rss_before = _memory_kib()
+    _reset_peak_memory()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    peak, _ = _memory_kib()
+    result = StepResult(
+        name=name,
+        case=case,
+        numel=numel,
+        num_tensors=len(params),
+        step_ms=1e3 * statistics.median(times),
+        first_step_s=first,
+        state_bytes_per_param=_state_bytes(opt) / numel,
+        peak_mib=max(0, peak - rss_before) / 1024,
+    )
+    del opt, params
+    return result
+
+
+def meta_training_throughput(
+    lopt: HierarchicalRNN,
+    num_problems: int = 8,
+    problem_size: int = 3000,
+    unroll: int = 16,
+    repeats: int = 3,
+    seed: int = 0,
+) -> float:
+    """Inner steps per second of the differentiable step, backward pass through the unroll included.
+
+    ``num_problems`` noisy quadratic problems of about ``problem_size`` parameters each (three
+    tensors: a matrix, a vector, a bias) share one layout, as meta-training batches tasks. The
+    gradient is a differentiable function of the point, so the backward pass goes through every
+    step of the unroll into the meta-parameters.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    rows = max(1, int(math.sqrt(problem_size * 0.9)))
+    per = [rows * rows, max(1, problem_size - rows * rows - 16), 16]
+    sizes = per * num_problems
+    problems = [p for p in range(num_problems) for _ in per]
+    layout = Layout.build(sizes, problems)
+    n = layout.numel
+    curvature = torch.rand(n, generator=gen) * 2.0 + 0.01
+    target = torch.randn(n, generator=gen)
+    theta0 = torch.randn(n, generator=gen)
+
+    def run_unroll() -> None:
+        state = lopt.init_state(layout, theta=theta0, generator=torch.Generator().manual_seed(1))
+        point = theta0.clone()
+        meta_loss = point.new_zeros(())
+        for _ in range(unroll):
+            grad = curvature * (point - target)
+            out = lopt.step(state, point, grad, layout)
+            point, state = out.point, out.state
+            theta = state.theta if state.theta is not None else point
+            meta_loss = meta_loss + torch.log((curvature * (theta - target) ** 2).sum() + 1e-6)
+        lopt.zero_grad(set_to_none=True)
+        (meta_loss / unroll).backward()
+
+    with torch.enable_grad():
+        run_unroll()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run_unroll()
+            times.append(time.perf_counter() - t0)
+    return unroll / statistics.median(times)
+
+
+def compile_start_times(size: int, cache_dir: Optional[str] = None) -> Optional[tuple[float, float]]:
+    """First-step time of a compiled optimizer in a fresh process with an empty, then a warm cache.
+
+    Returns ``(cold_s, warm_s)``, or None when this version of the optimizer has no ``compile``
+    option. Each measurement runs in a new Python process so that only inductor's on-disk cache
+    carries over.
+    """
+    if not _accepts(HierarchicalRNNOptimizer, "compile"):
+        return None
+    code = (
+        "import time, warnings, torch\n"
+        "warnings.simplefilter('ignore')\n"
+        "from lightning_lopt import HierarchicalRNN, HierarchicalRNNOptimizer\n"
+        f"p = torch.nn.Parameter(torch.randn({size})); p.grad = torch.randn({size})\n"
+        "opt = HierarchicalRNNOptimizer([p], weights=HierarchicalRNN(), compile=True)\n"
+        "t0 = time.perf_counter(); opt.step(); print(time.perf_counter() - t0)\n"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir or tmp)
+        found = []
+        for _ in range(2):
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+            found.append(float(out.stdout.strip().splitlines()[-1]))
+    return found[0], found[1]
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def _parse_sizes(text: str) -> list[int]:
+    return [int(float(s)) for s in text.split(",") if s.strip()]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Run the benchmark and print markdown tables."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1e4,1e5,1e6", help="comma-separated parameter counts (default %(default)s)")
+    parser.add_argument("--big", action="store_true", help="also run 1e7 parameters")
+    parser.add_argument("--cases", default="mixed,single", help="mixed (transformer-like shapes) and/or single (one tensor)")
+    parser.add_argument(
+        "--modes",
+        default="default",
+        help="HRNN variants: default (the optimizer's own choice, fp32 and bf16 state), eager, compiled, unchunked",
+    )
+    parser.add_argument("--repeats", type=int, default=0, help="timed steps per row (default: by size)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default %(default)s)")
+    parser.add_argument("--no-meta", action="store_true", help="skip the meta-training throughput")
+    parser.add_argument("--compile-times", action="store_true", help="measure cold and warm compile start-up")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+
+    warnings.filterwarnings("ignore", message=".*untrained initialisation.*")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = _parse_sizes(args.sizes) + ([10_000_000] if args.big else [])
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    lopt = HierarchicalRNN()
+    fpp = flops_per_parameter(lopt)
+    peak = matmul_peak_gflops()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    print(
+        f"FLOPs per parameter per step (param GRU {lopt.num_features}+{lopt.param_units} -> 3x{lopt.param_units} "
+        f"and read-outs): {fpp}"
+    )
+    print(f"fp32 matmul peak (2048^3 torch.mm, best of 7): {peak:.1f} GFLOP/s")
+    print()
+
+    results: list[StepResult] = []
+    for n in sizes:
+        for case in cases:
+            shapes = mixed_shapes(n) if case == "mixed" else [(n,)]
+            repeats = args.repeats or (20 if n <= 1e5 else 7 if n <= 1e6 else 3)
+            for name, make in optimizer_factories([m.strip() for m in args.modes.split(",")]):
+                res = time_step(name, make, shapes, case, args.warmup, repeats)
+                results.append(res)
+                print(f"  {case} N={res.numel} {name}: {res.step_ms:.2f} ms", file=sys.stderr, flush=True)
+
+    print("| params | case | tensors | optimizer | step ms | vs Adam foreach | GFLOP/s | % of peak | state B/param | step peak MiB | first step s |")
+    print("| ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for res in results:
+        adam = next(r for r in results if r.name == "Adam foreach" and r.numel == res.numel and r.case == res.case)
+        if res.name.startswith("HRNN"):
+            gflops = fpp * res.numel / (res.step_ms * 1e-3) / 1e9
+            gf, pct = f"{gflops:.1f}", f"{100 * gflops / peak:.1f}%"
+        else:
+            gf = pct = "-"
+        print(
+            f"| {res.numel:.0e} | {res.case} | {res.num_tensors} | {res.name} | {res.step_ms:.2f} | "
+            f"{res.step_ms / adam.step_ms:.1f}x | {gf} | {pct} | {res.state_bytes_per_param:.1f} | "
+            f"{res.peak_mib:.1f} | {res.first_step_s:.2f} |"
+        )
+
+    if not args.no_meta:
+        print()
+        steps_per_s = meta_training_throughput(lopt)
+        print("| meta-training | inner steps/s |")
+        print("| --- | ---: |")
+        print(f"| 8 problems x ~3k params, 16-step unroll, backward included | {steps_per_s:.1f} |")
+
+    if args.compile_times:
+        print()
+        times = compile_start_times(100_000)
+        if times is None:
+            print("(this optimizer has no compile option)")
+        else:
+            print("| compiled first step (fresh process, 1e5 params) | seconds |")
+            print("| --- | ---: |")
+            print(f"| cold (empty inductor cache) | {times[0]:.1f} |")
+            print(f"| warm (inductor cache from the previous process) | {times[1]:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

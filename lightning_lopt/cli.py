@@ -1,0 +1,124 @@
+"""The ``lightning-lopt`` command: a LightningCLI whose model and data are chosen by class path.
+
+Examples::
+
+    lightning-lopt fit -c configs/mnist1d_hrnn.yaml
+    lightning-lopt fit -c configs/mnist1d_adam.yaml --trainer.max_epochs=5
+    lightning-lopt fit --help
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from lightning_lopt import models
+
+__all__ = ["LightningLoptCLI", "build_cli", "main"]
+
+# These models define a fallback configure_optimizers that the config's `optimizer:` section is
+# meant to replace, so LightningCLI's "will be overridden" warning is noise for them.
+_FALLBACK_OPTIMIZER_MODELS = "|".join(models.__all__)
+
+
+class LightningLoptCLI(LightningCLI):
+    """LightningCLI that reports the final validation metrics after ``fit``.
+
+    It adds one top-level option, ``torch_num_threads``: small models gain little from several
+    CPU threads, and on a busy machine the threads of each operation wait for one another, which
+    can make a run several times slower.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Add ``--torch_num_threads``."""
+        parser.add_argument(
+            "--torch_num_threads",
+            type=Optional[int],
+            default=None,
+            help="CPU threads for torch operations (torch.set_num_threads); null keeps torch's default.",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        """Apply ``torch_num_threads`` before anything is built."""
+        threads = self.config.get(str(self.subcommand), self.config).get("torch_num_threads")
+        if threads is not None:
+            torch.set_num_threads(threads)
+
+    def instantiate_classes(self) -> None:
+        """Instantiate the classes, without the override warning for models with a fallback optimizer."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=rf"`({_FALLBACK_OPTIMIZER_MODELS})\.configure_optimizers` will be overridden"
+            )
+            super().instantiate_classes()
+
+    def after_fit(self) -> None:
+        """Validate the final model and print its validation accuracy (or its other validation metrics)."""
+        trainer = self.trainer
+        if trainer.interrupted or not is_overridden("validation_step", self.model):
+            return
+        # The last validation may predate the last step (max_steps, val_check_interval), so
+        # validate once more; EvalWithTrueParameters makes this run at the true parameters.
+        results = trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        if not trainer.is_global_zero or not results:
+            return
+        metrics = {k: float(v) for k, v in results[0].items()}
+        line = _final_line(metrics, trainer.global_step)
+        if line:
+            print(line, flush=True)
+
+
+def _final_line(metrics: dict[str, float], step: int) -> Optional[str]:
+    acc = {k: v for k, v in metrics.items() if "acc" in k}
+    if acc:
+        body = ", ".join(f"{k}={v:.4f}" for k, v in acc.items())
+        return f"Final validation accuracy after {step} steps: {body}"
+    if metrics:
+        body = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        return f"Final validation metrics after {step} steps: {body}"
+    return None
+
+
+def build_cli(args: ArgsType = None, run: bool = True, **kwargs: Any) -> LightningLoptCLI:
+    """Make (and by default run) the ``lightning-lopt`` LightningCLI.
+
+    Args:
+        args: Command-line arguments (default ``sys.argv[1:]``), a list of strings or a dict.
+        run: Run the subcommand; with False, only parse and instantiate (no subcommand in ``args``).
+        **kwargs: Further keyword arguments of :class:`~lightning.pytorch.cli.LightningCLI`.
+
+    Returns:
+        The CLI object, holding ``model``, ``datamodule``, ``trainer`` and ``config``.
+    """
+    kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+    kwargs.setdefault(
+        "parser_kwargs",
+        {"description": "Train a LightningModule with the hierarchical RNN learned optimizer (or any optimizer)."},
+    )
+    return LightningLoptCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        run=run,
+        **kwargs,
+    )
+
+
+def main(args: ArgsType = None) -> None:
+    """Entry point of the ``lightning-lopt`` command (``fit``, ``validate``, ``test``, ``predict``).
+
+    Args:
+        args: Command-line arguments; default ``sys.argv[1:]``.
+    """
+    build_cli(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Export a meta-training checkpoint as a safetensors weights file with its JSON card.
+
+Usage::
+
+    python -m lightning_lopt.meta.export runs/meta_train/checkpoints/last.ckpt my_lopt.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from lightning_lopt.hrnn import HierarchicalRNN
+
+__all__ = ["export_checkpoint", "main"]
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, card: Optional[dict[str, Any]] = None) -> Path:
+    """Write the meta-parameters of a :class:`~lightning_lopt.meta.MetaTrainingModule` checkpoint.
+
+    Args:
+        ckpt: The Lightning checkpoint.
+        out: Target ``.safetensors`` path (a ``.json`` card is written beside it).
+        card: Extra card entries; the checkpoint's meta-step, hyper-parameters and its logged
+            validation score are added.
+
+    Returns:
+        The safetensors path.
+    """
+    lopt = HierarchicalRNN.from_pretrained(ckpt)
+    raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    hparams = {k: v for k, v in raw.get("hyper_parameters", {}).items() if k != "lopt_config"}
+    info: dict[str, Any] = {
+        "source_checkpoint": Path(ckpt).name,
+        "meta_steps": int(raw.get("global_step", 0)),
+        "meta_training": json.loads(json.dumps(hparams, default=str)),
+    }
+    for cb_key, cb_state in raw.get("callbacks", {}).items():
+        if "ModelCheckpoint" in cb_key and cb_state.get("current_score") is not None:
+            info["checkpoint_selection"] = {
+                "monitor": cb_state.get("monitor"),
+                "score": float(cb_state["current_score"]),
+            }
+    return lopt.save_pretrained(out, card={**info, **(card or {})})
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="MetaTrainingModule .ckpt")
+    parser.add_argument("output", help="target .safetensors file")
+    parser.add_argument("--card", default=None, help="JSON file with extra card entries")
+    args = parser.parse_args(argv)
+    card = json.loads(Path(args.card).read_text()) if args.card else None
+    path = export_checkpoint(args.checkpoint, args.output, card)
+    print(f"wrote {path} and {path.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Tests of the held-out quality benchmark harness (``lightning_lopt.bench.quality``) on tiny settings."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_lopt.bench import quality as q
+from lightning_lopt.hrnn import HierarchicalRNN
+
+# Tiny versions of every task: the same code paths, a fraction of the data and width.
+TINY: dict[str, dict[str, Any]] = {
+    "a": dict(hidden_sizes=(8,), num_samples=200, batch_size=16),
+    "b": dict(channels=(2, 4), batch_size=8),
+    "b2": dict(channels=(2, 4), batch_size=8),
+    "c": dict(width=8, heads=2, context=8, batch_size=4, eval_sequences=8, max_chars=4000),
+    "d": dict(batch_size=8),
+    "e": dict(hidden_sizes=(4, 4, 4, 4), num_samples=200, batch_size=16),
+    "f": dict(dim=40),
+}
+KINDS = [
+    q.OptimizerConfig("learned", 1.0),
+    q.OptimizerConfig("adam", 1e-3),
+    q.OptimizerConfig("rmsprop", 1e-3),
+    q.OptimizerConfig("sgd", 1e-2),
+]
+TINY_SWEEPS = {"adam": (1e-3, 1e-2), "rmsprop": (1e-3,), "sgd": (1e-2,)}
+
+
+@pytest.fixture(scope="module")
+def untrained() -> HierarchicalRNN:
+    return HierarchicalRNN()
+
+
+@pytest.mark.parametrize("key", list(q.TASKS))
+def test_every_task_trains_with_every_optimizer_kind(key: str, untrained: HierarchicalRNN) -> None:
+    task = q.build_task(key, **TINY[key])
+    for config in KINDS:
+        r = q.run_one(task, config, seed=0, steps=6, lopt=untrained, eval_points=3, curve_points=3)
+        assert r["steps_done"] == 6
+        assert math.isfinite(r["initial_loss"]) and math.isfinite(r["final_loss"]), (key, config)
+        assert all(math.isfinite(v) for v in r["curve"] + r["eval_curve"])
+        assert r["curve_steps"][-1] == 6 and len(r["curve"]) == 3
+        assert r["eval_steps"] == [0, 2, 4, 6]
+        assert r["eval_curve"][-1] == r["final_loss"]
+        if key == "f":  # the quadratic has no test split
+            assert r["test_accuracy"] is None
+        else:
+            assert 0.0 <= r["test_accuracy"] <= 1.0
+        assert not r["diverged"]
+
+
+def test_seed_changes_init_and_batches_but_is_reproducible() -> None:
+    task = q.build_task("d", **TINY["d"])
+    cfg = q.OptimizerConfig("adam", 1e-2)
+    a, b, c = (q.run_one(task, cfg, seed=s, steps=5, eval_points=1) for s in (0, 0, 1))
+    assert a["curve"] == b["curve"] and a["final_loss"] == b["final_loss"]
+    assert a["initial_loss"] != c["initial_loss"]
+
+
+def test_learned_final_loss_is_measured_at_the_true_parameters(untrained: HierarchicalRNN) -> None:
+    task = q.build_task("f", **TINY["f"])
+    r = q.run_one(task, q.OptimizerConfig("learned", 1.0), seed=0, steps=4, lopt=untrained, eval_points=1)
+    # Replay the run and read the loss at theta (eval mode), not at the attended point.
+    params = [p.detach().clone().requires_grad_(True) for p in task.init_params(q.make_generator(1_000_003))]
+    opt = q.make_optimizer(q.OptimizerConfig("learned", 1.0), params, untrained, seed=0)
+    gen, noise = q.make_generator(2_000_003), q.make_generator(3_000_017)
+    for _ in range(4):
+        loss = task.loss(params, task.sample_batch(gen))
+        for p, g in zip(params, task.transform_grads(torch.autograd.grad(loss, params), noise)):
+            p.grad = g
+        opt.step()
+    with torch.no_grad():
+        at_phi = float(task.loss(params, None))
+        opt.eval()
+        at_theta = float(task.loss(params, None))
+    assert r["final_loss"] == pytest.approx(at_theta, rel=1e-6)
+    assert at_phi != pytest.approx(at_theta, rel=1e-9)
+
+
+def _fake_summary(kind: str, lr: float, finals: list[float]) -> dict[str, Any]:
+    return {"optimizer": f"{kind}@{lr:.3g}", "kind": kind, "lr": lr, "final_loss": q._stats(finals)}
+
+
+def test_select_tuned_picks_the_lowest_mean_final_loss() -> None:
+    summaries = [
+        _fake_summary("adam", 1e-3, [1.0, 1.0, 1.0]),
+        _fake_summary("adam", 1e-2, [0.1, 0.9, 0.8]),  # mean 0.6: best Adam, although not the best single seed
+        _fake_summary("adam", 1e-1, [0.05, 0.05, float("nan")]),  # a non-finite seed disqualifies
+        _fake_summary("rmsprop", 1e-3, [0.7, 0.7, 0.7]),
+        _fake_summary("sgd", 1.0, [float("inf")] * 3),
+        _fake_summary("sgd", 0.1, [0.5, 0.5, 0.5]),
+        _fake_summary("learned", 1.0, [0.01, 0.01, 0.01]),  # not a baseline
+    ]
+    tuned = q.select_tuned(summaries)
+    assert tuned["adam"]["lr"] == 1e-2
+    assert tuned["rmsprop"]["lr"] == 1e-3
+    assert tuned["sgd"]["lr"] == 0.1
+    assert tuned["best"]["kind"] == "sgd" and tuned["best"]["lr"] == 0.1
+    assert q.select_tuned([_fake_summary("sgd", 1.0, [float("inf")])])["best"] is None
+
+
+def test_steps_to_reach() -> None:
+    steps = [0, 10, 20, 30]
+    assert q.steps_to_reach(steps, [5.0, 3.0, 1.0, 0.5], 1.0) == 20
+    assert q.steps_to_reach(steps, [5.0, 3.0, 1.0, 0.5], 0.4) is None
+    assert q.steps_to_reach(steps, [5.0, 3.0, 1.0, 0.5], 9.0) == 0
+    assert q.steps_to_reach(steps, [5.0, float("nan"), 1.0, 0.5], 2.0) == 20
+    assert q.steps_to_reach(steps, [5.0, 3.0, 1.0, 0.5], float("nan")) is None
+
+
+def test_divergence_detection() -> None:
+    assert not q.is_diverged(1.0, 9.9)
+    assert q.is_diverged(1.0, 10.1)
+    assert q.is_diverged(1.0, float("nan"))
+    assert q.is_diverged(1.0, 0.5, nonfinite=True)
+    task = q.build_task("f", **TINY["f"])
+    r = q.run_one(task, q.OptimizerConfig("sgd", 1e3), seed=0, steps=30, eval_points=3)
+    assert r["diverged"]
+    assert r["nonfinite"] and r["steps_done"] < 30  # stopped early
+    ok = q.run_one(task, q.OptimizerConfig("adam", 1e-2), seed=0, steps=30, eval_points=3)
+    assert not ok["diverged"]
+
+
+def test_task_selection_and_parsing() -> None:
+    assert q.resolve_task_keys("a,b',char_lm,a") == ["a", "b2", "c"]
+    assert q.resolve_task_keys("all") == list(q.TASKS)
+    with pytest.raises(ValueError, match="Unknown task"):
+        q.resolve_task_keys("z")
+    assert q.parse_ablation_weights("no_attention=x.safetensors, one_timescale=y.ckpt") == {
+        "no_attention": "x.safetensors",
+        "one_timescale": "y.ckpt",
+    }
+    with pytest.raises(ValueError):
+        q.parse_ablation_weights("bogus=x")
+    assert q.main(["--tasks", "nope"]) == 2
+
+
+def test_ablation_plan_never_substitutes_untrained_weights(tmp_path: Path) -> None:
+    full = HierarchicalRNN().config
+    plan = q.plan_ablations({}, full)
+    assert all(p["status"] == "skipped" for p in plan.values())
+    assert "no meta-trained weights" in plan["no_attention"]["reason"]
+    if "param_rnn_only" not in HierarchicalRNN.__init__.__code__.co_varnames:
+        assert plan["param_rnn_only"]["reason"].startswith("not supported")
+    no_att = HierarchicalRNN(attention=False).save_pretrained(tmp_path / "no_att.safetensors")
+    with_att = HierarchicalRNN().save_pretrained(tmp_path / "att.safetensors")
+    plan = q.plan_ablations({"no_attention": str(no_att), "one_timescale": str(with_att)}, full)
+    assert plan["no_attention"]["status"] == "run"
+    assert plan["one_timescale"]["status"] == "skipped" and "num_timescales=4" in plan["one_timescale"]["reason"]
+
+
+def test_benchmark_writes_markdown_json_and_pngs(tmp_path: Path) -> None:
+    no_att = HierarchicalRNN(attention=False).save_pretrained(tmp_path / "no_att.safetensors")
+    kwargs = dict(
+        task_keys=["d", "f"],
+        out=tmp_path / "out",
+        seeds=2,
+        steps_scale=0.02,
+        ablation=True,
+        ablation_weights={"no_attention": str(no_att)},
+        show_progress=False,
+        task_overrides={"d": TINY["d"], "f": TINY["f"]},
+        sweeps=TINY_SWEEPS,
+        eval_points=5,
+    )
+    results = q.run_benchmark(**kwargs)
+    out = tmp_path / "out"
+    md = (out / "results.md").read_text()
+    assert "| d breast_cancer_logreg |" in md and "| f noisy_quadratic |" in md
+    assert "lower final training loss than Adam 1e-3 on" in md
+    assert "attention off" in md and "skipped" in md  # the ablation table and its skipped variants
+    data = json.loads((out / "results.json").read_text())
+    assert set(data["tasks"]) == {"d", "f"}
+    # learned + no_attention + 4 baseline settings (Adam 1e-3 is in the sweep), 2 seeds, 2 tasks
+    assert len(data["runs"]) == 2 * 2 * 6
+    d = data["tasks"]["d"]
+    tuned = d["analysis"]["tuned"]
+    means = {k: s["final_loss"]["mean"] for k, s in d["summaries"].items() if s["kind"] != "learned"}
+    assert means[tuned["best"]] == min(means.values())
+    assert data["meta"]["runs_executed"] == 24
+    for name in ("breast_cancer_logreg", "noisy_quadratic"):
+        png = out / f"curves_{name}.png"
+        assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not results["bar"]["bar_applicable"]
+    # A second call reuses every finished run.
+    again = q.run_benchmark(**kwargs)
+    assert again["meta"]["runs_executed"] == 0
+    assert again["tasks"]["d"]["summaries"].keys() == results["tasks"]["d"]["summaries"].keys()
+
+
+def test_bar_summary_counts_tasks_and_groups() -> None:
+    def analysis(adam: bool, best: bool, diverged: tuple[int, ...] = ()) -> dict[str, Any]:
+        return {
+            "learned": "learned@1",
+            "beats_adam_default": adam,
+            "beats_best_tuned": best,
+            "learned_diverged_seeds": list(diverged),
+        }
+
+    wins = {k: analysis(True, k in ("a", "c")) for k in q.TASKS}
+    wins["b2"] = analysis(False, False)  # b' lost: group b is not won although row b is
+    bar = q.bar_summary(wins, list(q.TASKS))
+    assert len(bar["beats_adam_default"]) == 6 and bar["groups_beating_adam_default"] == ["a", "c", "d", "e", "f"]
+    assert bar["groups_beating_best_tuned"] == ["a", "c"]
+    assert bar["bar_met"] is True
+    wins["e"] = analysis(True, False, diverged=(2,))
+    assert q.bar_summary(wins, list(q.TASKS))["bar_met"] is False
+    assert q.bar_summary(wins, list(q.TASKS), full=False)["bar_met"] is None
+    assert q.bar_summary(wins, ["a", "b"])["bar_met"] is None
