@@ -15,8 +15,9 @@ from lightning_lopt.hrnn import DEFAULT_CHUNK, WEIGHTS_DIR, HierarchicalRNN, HRN
 __all__ = ["HierarchicalRNNOptimizer"]
 
 STATE_KEY = "hrnn"
-COMPILE_MIN_PARAMS = 1 << 18
-"""With ``compile=None``, the step is compiled from this many parameters on."""
+COMPILE_MIN_PARAMS = 1 << 16
+"""Below this many parameters the step stays eager even with ``compile=True``: there is less than
+one compiled chunk's worth of work, and the last, partial chunk always runs eagerly."""
 _TENSOR_FIELDS = HRNNState._fields
 
 
@@ -67,9 +68,10 @@ class HierarchicalRNNOptimizer(Optimizer):
         state_dtype: Floating point type of the state buffers (``torch.bfloat16`` halves them);
             the true parameters kept with attention stay float32.
         compile: Compile the element-level part of the step with ``torch.compile`` (inductor).
-            ``None`` compiles only from :data:`COMPILE_MIN_PARAMS` parameters on, where it pays for
-            its one-time compilation (cached on disk across processes); without a working compiler
-            the step falls back to eager with one warning.
+            ``None`` means the automatic choice, which is eager for now: the compiled step has not
+            yet been measured faster than the chunked eager one, and a cold compilation takes
+            minutes (inductor caches it on disk across processes). Without a working compiler the
+            step falls back to eager with one warning.
         chunk_size: Elements per chunk of the step's element-level part (``0``: one chunk).
     """
 
@@ -220,6 +222,26 @@ class HierarchicalRNNOptimizer(Optimizer):
         st.update(step=0, skipped=0, sizes=[p.numel() for p in params])
         return st
 
+    def _extend_state(self, st: dict[str, Any], params: list[Tensor]) -> dict[str, Any]:
+        """Give parameters added by ``add_param_group`` (e.g. when fine-tuning unfreezes layers) a fresh state."""
+        old = list(st["sizes"])
+        sizes = [p.numel() for p in params]
+        if sizes[: len(old)] != old:
+            raise ValueError(
+                f"The optimizer's parameters changed from sizes {old} to {sizes}; only appending parameter groups "
+                "(add_param_group) is supported after the first step. Create a new optimizer instead."
+            )
+        added = self._init_state(params[len(old) :])
+        merged = dict(st)
+        for k in _TENSOR_FIELDS:
+            if k == "h_global" or st[k] is None:
+                continue
+            merged[k] = torch.cat([st[k], added[k].to(st[k].device, st[k].dtype)])
+        merged["sizes"] = sizes
+        self._layout_cache = {}
+        self._point_buffer = None
+        return merged
+
     @staticmethod
     def _check_grad(p: Tensor) -> None:
         g = p.grad
@@ -267,6 +289,8 @@ class HierarchicalRNNOptimizer(Optimizer):
         st = self.state.get(STATE_KEY)
         if st is None:
             st = self.state[STATE_KEY] = self._init_state(params)
+        elif st["sizes"] != [p.numel() for p in params]:
+            st = self.state[STATE_KEY] = self._extend_state(st, params)
 
         active = [i for i, p in enumerate(params) if p.grad is not None]
         if not active:
@@ -311,7 +335,7 @@ class HierarchicalRNNOptimizer(Optimizer):
             )
 
         diagnostics = self._diagnostics_requested
-        compile = self.compile if self.compile is not None else layout.numel >= COMPILE_MIN_PARAMS
+        compile = bool(self.compile) and layout.numel >= COMPILE_MIN_PARAMS
         fast = dict(chunk_size=self.chunk_size, compile=compile)
         if full:
             # The step writes the new state straight into the flat buffers, and the point into a

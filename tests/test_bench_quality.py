@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -30,6 +30,15 @@ KINDS = [
     q.OptimizerConfig("sgd", 1e-2),
 ]
 TINY_SWEEPS = {"adam": (1e-3, 1e-2), "rmsprop": (1e-3,), "sgd": (1e-2,)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    # Tiny tensors: on a busy 2-core machine a second intra-op thread only adds waiting.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -609,3 +609,28 @@ def test_scale_invariance(log10_c):
 def test_scale_invariance_untrained_weights(c):
     """The same with weights=None (the specification's initialisation)."""
     _check_same_trajectory(c, None)
+
+
+def test_add_param_group_after_first_step_gives_new_parameters_a_fresh_state():
+    """Fine-tuning that unfreezes layers (add_param_group) keeps training the old parameters and starts the new."""
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(4, 3))
+    b = torch.nn.Parameter(torch.randn(5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = HierarchicalRNNOptimizer([a], weights=None)
+    a.grad = torch.randn_like(a)
+    opt.step()
+    h_before = opt.hrnn_state["h_param"].clone()
+    opt.add_param_group({"params": [b], "lr": 0.5})
+    b_start = b.detach().clone()
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    opt.step()
+    st = opt.hrnn_state
+    assert st["sizes"] == [12, 5]
+    assert st["h_param"].shape[0] == 17 and st["h_tensor"].shape[0] == 2
+    assert not torch.equal(b.detach(), b_start)
+    assert not torch.equal(st["h_param"][:12], h_before)
+    with pytest.raises(ValueError, match="add_param_group"):
+        opt.param_groups[0]["params"] = [torch.nn.Parameter(torch.randn(7))]
+        opt.step()
