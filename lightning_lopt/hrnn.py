@@ -329,6 +329,8 @@ class HierarchicalRNN(nn.Module):
         self.h0_param = nn.Parameter(torch.empty(hp).uniform_(-1.0, 1.0, generator=gen))
         self.h0_tensor = nn.Parameter(torch.empty(ht).uniform_(-1.0, 1.0, generator=gen))
         self.h0_global = nn.Parameter(torch.empty(hg).uniform_(-1.0, 1.0, generator=gen))
+        self.last_backend: Optional[str] = None
+        """Which path ran the element-level part of the last step: "cpp", "compiled" or "eager"."""
 
     @staticmethod
     def _affine(fan_in: int, fan_out: int, gen: torch.Generator) -> nn.Linear:
@@ -449,6 +451,7 @@ class HierarchicalRNN(nn.Module):
         compile: bool = False,
         out: Optional[HRNNState] = None,
         out_point: Optional[Tensor] = None,
+        backend: str = "auto",
     ) -> StepOutput:
         """One optimizer step over a flat vector. Pure and differentiable.
 
@@ -456,8 +459,9 @@ class HierarchicalRNN(nn.Module):
         biases the tensor and global states inject into the parameter RNN), an element-level part
         (features, parameter RNN, read-outs; see :func:`_element_update`) and a per-tensor
         epilogue (RMS normalisation of the directions, tensor and global RNNs). Without autograd,
-        the element-level part runs over fixed-size chunks of the flat buffers, so that its
-        temporaries stay in cache, optionally compiled; every path computes the same function.
+        the element-level part runs either as one fused C++ kernel (:mod:`lightning_lopt.kernels`)
+        or over fixed-size chunks of the flat buffers, so that its temporaries stay in cache,
+        optionally compiled; every path computes the same function.
 
         Args:
             state: The optimizer state (see :meth:`init_state`).
@@ -471,11 +475,18 @@ class HierarchicalRNN(nn.Module):
             chunk_size: Elements per chunk of the element-level part when autograd is off
                 (``None``: :data:`DEFAULT_CHUNK`; ``0``: one chunk). With autograd on, or with
                 ``diagnostics``, the step always runs as one chunk.
-            compile: Run the element-level part through ``torch.compile`` (inductor). Falls back
-                to eager, with one warning, where compiling fails.
+            compile: Same as ``backend="compiled"`` (kept for compatibility).
             out: Buffers for the new state (may be ``state`` itself, updated in place); only
                 used without autograd. The returned state is then ``out``.
             out_point: Buffer for the returned point (may alias ``point``), likewise.
+            backend: How the element-level part runs without autograd: ``"cpp"`` (the fused C++
+                kernel, built on first use; CPU, float32 compute, float32 or bfloat16 state),
+                ``"eager"`` (chunked torch operations), ``"compiled"`` (chunks through
+                ``torch.compile``), or ``"auto"``: the C++ kernel where it applies and is already
+                built (or the layout has at least :data:`CPP_BUILD_MIN_PARAMS` elements, which
+                makes it worth building), else eager. Where the chosen backend does not apply or fails to build, the step
+                runs eagerly (a failed build or compilation warns once). With autograd on, or
+                with ``diagnostics``, the step is always the eager reference.
         """
         dtype = point.dtype
         cst = self._constants()
@@ -485,6 +496,10 @@ class HierarchicalRNN(nn.Module):
         if grad_mode or diagnostics:
             chunk_size, out, out_point = 0, None, None
         chunk = layout.numel if not chunk_size else int(chunk_size)
+        if backend not in _BACKENDS:
+            raise ValueError(f"Unknown backend {backend!r}; expected one of {_BACKENDS}.")
+        if compile and backend in ("auto", "eager"):
+            backend = "compiled"
 
         # ---- prelude (per tensor): problem-mean log lr, injected biases, lr and decay per tensor.
         log_lr = state.log_lr
@@ -498,21 +513,41 @@ class HierarchicalRNN(nn.Module):
         table = torch.cat([injected_t, lr_mean_p[pid].unsqueeze(1), lr_t.unsqueeze(1)], 1)
         weights = self._element_weights(dtype)
 
-        # ---- element level, chunk by chunk.
+        # ---- element level: the fused C++ kernel, or chunk by chunk.
         n = layout.numel
-        in_place = out is not None
-        if in_place:
+        cpp = None
+        wants_cpp = backend in ("auto", "cpp") and not (grad_mode or diagnostics)
+        if wants_cpp and _cpp_applies(state, point, grad, out, dtype):
+            from lightning_lopt import kernels
+
+            # "auto" compiles the kernel (about a minute, once per machine) only for a model large
+            # enough to earn it back soon; a small model's first step must not wait for it.
+            if backend == "cpp" or n >= CPP_BUILD_MIN_PARAMS or kernels.cpu_kernel_cached():
+                cpp = kernels.cpu_kernel()
+        if out is not None:
             new = out
-        elif chunk < n:
+        elif chunk < n or cpp is not None:
             new = _empty_like_state(state)
         else:
             new = None
         width = hp + self.num_features + 1 + int(cst.attention)
         sums = torch.zeros(t_count, width, dtype=dtype, device=point.device)
         scratch = _Scratch.get(self, n, dtype, point.device) if new is not None else None
-        kernel = _compiled_kernel(cst) if compile and not grad_mode else None
+        kernel = _compiled_kernel(cst) if backend == "compiled" and cpp is None and new is not None else None
         full: Optional[tuple[Any, ...]] = None
-        for start in range(0, n, chunk):
+        if cpp is not None:
+            cpp.element_update(
+                [grad.to(dtype).contiguous(), state.h_param, state.momentum, state.mean_square, state.beta_in,
+                 state.beta_sc, state.log_lr],
+                tid, table.contiguous(),
+                [weights[k].contiguous() for k in ("w_gates", "b_gates", "w_cand", "b_cand", "w_out", "b_out")],
+                [new.h_param, new.momentum, new.mean_square, new.beta_in, new.beta_sc, new.log_lr, scratch.ud,
+                 scratch.ua],
+                sums, cst.attention, float(weights["keep"]), float(weights["offset"]), cst.ms_epsilon, cst.epsilon,
+                cst.log_lr_low, cst.log_lr_high,
+            )
+        self.last_backend = "cpp" if cpp is not None else "compiled" if kernel is not None else "eager"
+        for start in range(0, n if cpp is None else 0, chunk):
             end = min(start + chunk, n)
             sl = slice(start, end)
             args = (grad[sl], state.h_param[sl], state.momentum[sl], state.mean_square[sl], state.beta_in[sl],
@@ -520,7 +555,7 @@ class HierarchicalRNN(nn.Module):
             if new is None:
                 full = _element_update(cst, weights, *args, unrolled=False)
                 h_c, m_c, v_c, bi, bsc, llr, lls, ud, ua, red = full
-                sums = sums.index_add(0, tid, torch.stack(red, 1))
+                sums = sums.index_add(0, tid, red)
                 continue
             outs = (new.h_param[sl], new.momentum[sl], new.mean_square[sl], new.beta_in[sl], new.beta_sc[sl],
                     new.log_lr[sl], scratch.ud[sl], scratch.ua[sl])
@@ -548,9 +583,9 @@ class HierarchicalRNN(nn.Module):
             h_c, m_c, v_c, bi, bsc, llr, lls, ud, ua, red = full
             theta, phi = _apply_update(theta_old.to(dtype), ud, ua, tid, update_table, cst.attention)
             new_state = HRNNState(
-                h_param=torch.stack(h_c, 0).t().to(sd),
-                momentum=torch.stack(m_c, 0).t().to(sd),
-                mean_square=torch.stack(v_c, 0).t().to(sd),
+                h_param=h_c.to(sd),
+                momentum=m_c.to(sd),
+                mean_square=v_c.to(sd),
                 beta_in=bi.to(sd),
                 beta_sc=bsc.to(sd),
                 log_lr=llr.to(sd),
@@ -578,7 +613,13 @@ class HierarchicalRNN(nn.Module):
         if theta_new is None and self.attention:
             theta_new = torch.empty_like(state.theta)
         point_new = out_point if out_point is not None else torch.empty_like(point)
-        for start in range(0, n, chunk):
+        applied = False
+        if cpp is not None and theta_old.dtype == dtype and (theta_new is None or theta_new.dtype == dtype) \
+                and point_new.dtype == dtype and point_new.is_contiguous() and theta_old.is_contiguous():
+            cpp.apply_update(theta_old, scratch.ud, scratch.ua, tid, update_table.contiguous(),
+                             theta_new if self.attention else point_new, point_new, cst.attention)
+            applied = True
+        for start in range(0, 0 if applied else n, chunk):
             sl = slice(start, min(start + chunk, n))
             theta, phi = _apply_update(theta_old[sl].to(dtype), scratch.ud[sl], scratch.ua[sl], tid[sl], update_table,
                                        cst.attention)
@@ -679,8 +720,13 @@ class HierarchicalRNN(nn.Module):
 # ---------------------------------------------------------------------------- the element-level part
 
 DEFAULT_CHUNK = 8192
-"""Elements per chunk of the element-level part without autograd: its temporaries (a few dozen
-values per element) then stay in the L2 cache, and no step allocates or page-faults large buffers."""
+"""Elements per chunk of the eager element-level part without autograd: its temporaries (a few
+dozen values per element) then stay in the L2 cache, and no step allocates or page-faults large
+buffers."""
+
+CPP_BUILD_MIN_PARAMS = 100_000
+"""Size from which ``backend="auto"`` builds the C++ kernel when it is not yet in the extension
+cache: the build (about 45 s on a 2-core machine) is then repaid within a few hundred steps."""
 
 
 class _Constants(NamedTuple):
@@ -759,19 +805,82 @@ def _element_update(
     tensor_ids: Tensor,
     table: Tensor,
     unrolled: bool,
-) -> tuple[Any, ...]:
+) -> tuple[Tensor, ...]:
     """The element-level part of the step: features, parameter RNN and read-outs, for ``C`` elements.
 
     Every element is independent given the per-tensor ``table`` (rows: the ``3 * param_units``
     injected biases, the problem-mean log learning rate, the lr multiplier), so this runs over any
-    contiguous chunk of the flat buffers.
+    contiguous chunk of the flat buffers. This is the reference of every other path (the chunked
+    and compiled steps, the C++ kernel of :mod:`lightning_lopt.kernels`).
+
+    Args:
+        unrolled: Write the small products column by column (for ``torch.compile``, which then
+            fuses the whole parameter GRU into one loop); otherwise use matrix products, which
+            need far fewer eager operations.
 
     Returns:
         ``(h, momentum, mean_square, beta_in, beta_sc, log_lr, log_lr_step, step_d, step_a, reduce)``:
-        the new state as columns, the clipped step log lr, the un-normalised updates
-        ``exp(log_lr_step + c) * lr * d`` and ``exp(log_lr_step) * lr * a``, and the columns whose
-        per-tensor means the epilogue needs (``h``, ``z``, ``d^2`` and, with attention, ``a^2``).
+        the new state, the clipped step log lr, the un-normalised updates
+        ``exp(log_lr_step + c) * lr * d`` and ``exp(log_lr_step) * lr * a``, and the ``(C, R)``
+        values whose per-tensor means the epilogue needs (``h``, ``z``, ``d^2`` and, with
+        attention, ``a^2``).
     """
+    if unrolled:
+        return _element_update_columns(cst, w, grad, h_param, momentum, mean_square, beta_in, beta_sc, log_lr,
+                                       tensor_ids, table)
+    dtype = table.dtype
+    hp, k = cst.param_units, cst.num_timescales
+    rows = table[tensor_ids]
+    grad, log_lr, h = grad.to(dtype), log_lr.to(dtype), h_param.to(dtype)
+    beta_sc = beta_sc.to(dtype).unsqueeze(1)
+    # beta_in ** 2**-s as repeated square roots, as the column form computes it.
+    betas = [beta_in.to(dtype)]
+    for _ in range(1, k):
+        betas.append(torch.sqrt(betas[-1]))
+    beta = torch.stack(betas, 1)
+    m = (1.0 - beta) * grad.unsqueeze(1) + beta * momentum.to(dtype)
+    v = (1.0 - beta_sc) * (m * m + cst.ms_epsilon) + beta_sc * mean_square.to(dtype)
+    x = torch.asinh(m * torch.rsqrt(v + cst.epsilon))
+    log_ms = torch.log(v + cst.epsilon)
+    z = torch.cat([x, x[:, :-1] * x[:, 1:], log_ms - log_ms.mean(1, keepdim=True),
+                   (log_lr - rows[:, 3 * hp]).unsqueeze(1)], 1)
+    # Parameter RNN (BiasGRU) biased by the tensor and global states of the previous step.
+    gates = torch.sigmoid(torch.addmm(w["b_gates"], torch.cat([z, h], 1), w["w_gates"]) + rows[:, : 2 * hp])
+    reset, keep = gates[:, :hp], gates[:, hp:]
+    cand = torch.tanh(torch.addmm(w["b_cand"], torch.cat([z, reset * h], 1), w["w_cand"]) + rows[:, 2 * hp : 3 * hp])
+    h_new = keep * h + (1.0 - keep) * cand
+    # Read-outs: direction, log lr, decays (and attention), with shortcuts from the rescaled momenta.
+    outs = torch.addmm(w["b_out"], torch.cat([h_new, x], 1), w["w_out"])
+    direction = outs[:, 0]
+    log_lr_step = _straight_through_clamp(log_lr + outs[:, 1], cst.log_lr_low, cst.log_lr_high)
+    new_log_lr = w["keep"] * log_lr + (1.0 - w["keep"]) * log_lr_step
+    decays = torch.sigmoid(outs[:, 2:4])
+    lr_e = rows[:, 3 * hp + 1]
+    step_d = torch.exp(log_lr_step + w["offset"]) * lr_e * direction
+    if cst.attention:
+        step_a = torch.exp(log_lr_step) * lr_e * outs[:, 4]
+        squares = outs[:, 0::4].square()  # columns 0 and 4: direction and attention
+    else:
+        step_a = step_d
+        squares = outs[:, :1].square()
+    reduce = torch.cat([h_new, z, squares], 1)
+    return h_new, m, v, decays[:, 1], decays[:, 0], new_log_lr, log_lr_step, step_d, step_a, reduce
+
+
+def _element_update_columns(
+    cst: _Constants,
+    w: dict[str, Tensor],
+    grad: Tensor,
+    h_param: Tensor,
+    momentum: Tensor,
+    mean_square: Tensor,
+    beta_in: Tensor,
+    beta_sc: Tensor,
+    log_lr: Tensor,
+    tensor_ids: Tensor,
+    table: Tensor,
+) -> tuple[Tensor, ...]:
+    """:func:`_element_update` written column by column, the form inductor fuses into one loop."""
     dtype = table.dtype
     hp = cst.param_units
     rows = table[tensor_ids]
@@ -780,15 +889,13 @@ def _element_update(
     z, xs, moms, mss = _features(
         cst, grad, momentum.to(dtype), mean_square.to(dtype), beta_in.to(dtype), beta_sc.to(dtype), log_lr - rows[:, 3 * hp]
     )
-    # Parameter RNN (BiasGRU) biased by the tensor and global states of the previous step.
-    reset_keep = _affine(z + [h], w["w_gates"], w["b_gates"], rows[:, : 2 * hp], unrolled, torch.sigmoid)
+    reset_keep = _affine(z + [h], w["w_gates"], w["b_gates"], rows[:, : 2 * hp], True, torch.sigmoid)
     reset, keep = reset_keep[:hp], reset_keep[hp:]
     h_cols = h.unbind(1)
     cand = _affine(z + [r * hc for r, hc in zip(reset, h_cols)], w["w_cand"], w["b_cand"], rows[:, 2 * hp : 3 * hp],
-                   unrolled, torch.tanh)
+                   True, torch.tanh)
     h_new = [u * hc + (1.0 - u) * c for u, hc, c in zip(keep, h_cols, cand)]
-    # Read-outs: direction, log lr, decays (and attention), with shortcuts from the rescaled momenta.
-    outs = _affine(h_new + xs, w["w_out"], w["b_out"], None, unrolled)
+    outs = _affine(h_new + xs, w["w_out"], w["b_out"], None, True)
     direction, log_lr_out, beta_sc_out, beta_in_out = outs[:4]
     log_lr_step = _straight_through_clamp(log_lr + log_lr_out, cst.log_lr_low, cst.log_lr_high)
     new_log_lr = w["keep"] * log_lr + (1.0 - w["keep"]) * log_lr_step
@@ -800,8 +907,8 @@ def _element_update(
         reduce.append(outs[4] * outs[4])
     else:
         step_a = step_d
-    return (h_new, moms, mss, torch.sigmoid(beta_in_out), torch.sigmoid(beta_sc_out), new_log_lr, log_lr_step,
-            step_d, step_a, reduce)
+    return (torch.stack(h_new, 1), torch.stack(moms, 1), torch.stack(mss, 1), torch.sigmoid(beta_in_out),
+            torch.sigmoid(beta_sc_out), new_log_lr, log_lr_step, step_d, step_a, torch.stack(reduce, 1))
 
 
 def _element_update_into(
@@ -809,17 +916,10 @@ def _element_update_into(
 ) -> Tensor:
     """Run :func:`_element_update` on one chunk and write the new state into ``outs`` (views of the
     state and scratch buffers, which may alias the inputs). Returns the ``(C, R)`` reduction rows."""
-    h, m, v, bi, bsc, llr, _, ud, ua, red = _element_update(cst, w, *args, unrolled=unrolled)
-    o_h, o_m, o_v, o_bi, o_bsc, o_llr, o_ud, o_ua = outs
-    o_h.copy_(torch.stack(h, 1))
-    o_m.copy_(torch.stack(m, 1))
-    o_v.copy_(torch.stack(v, 1))
-    o_bi.copy_(bi)
-    o_bsc.copy_(bsc)
-    o_llr.copy_(llr)
-    o_ud.copy_(ud)
-    o_ua.copy_(ua)
-    return torch.stack(red, 1)
+    results = _element_update(cst, w, *args, unrolled=unrolled)
+    for dst, src in zip(outs, results[:6] + results[7:9]):
+        dst.copy_(src)
+    return results[-1]
 
 
 def _apply_update(
@@ -868,7 +968,7 @@ class _CompiledKernel:
     def __init__(self, cst: _Constants) -> None:
         def kernel(w: dict[str, Tensor], args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
             h, m, v, bi, bsc, llr, _, ud, ua, red = _element_update(cst, w, *args, unrolled=True)
-            return (torch.stack(h, 1), torch.stack(m, 1), torch.stack(v, 1), bi, bsc, llr, ud, ua, torch.stack(red, 1))
+            return h, m, v, bi, bsc, llr, ud, ua, red
 
         self.fn = torch.compile(kernel, dynamic=False)
 
@@ -907,6 +1007,26 @@ def _compiled_kernel(cst: _Constants) -> Optional[_CompiledKernel]:
     if cst not in _KERNELS:
         _KERNELS[cst] = _CompiledKernel(cst)
     return _KERNELS[cst]
+
+
+_BACKENDS = ("auto", "cpp", "eager", "compiled")
+
+
+def _cpp_applies(state: HRNNState, point: Tensor, grad: Tensor, new: Optional[HRNNState], dtype: torch.dtype) -> bool:
+    """Whether the C++ kernel can run this step: CPU, float32 compute, float32 or bfloat16
+    contiguous state buffers of one dtype (else the step runs eagerly)."""
+    if point.device.type != "cpu" or dtype != torch.float32 or grad.device.type != "cpu":
+        return False
+    sd = state.h_param.dtype
+    if sd not in (torch.float32, torch.bfloat16) or state.h_param.shape[1] > 64 or state.momentum.shape[1] > 16:
+        return False  # the kernel's per-tile stack arrays have these bounds
+    fields = ("h_param", "momentum", "mean_square", "beta_in", "beta_sc", "log_lr")
+    for st in (state,) if new is None else (state, new):
+        for name in fields:
+            t = getattr(st, name)
+            if t.dtype != sd or not t.is_contiguous() or t.device.type != "cpu":
+                return False
+    return True
 
 
 def _read_weights(path: Union[str, Path]) -> tuple[dict[str, Any], dict[str, Tensor], str]:

@@ -16,8 +16,9 @@ __all__ = ["HierarchicalRNNOptimizer"]
 
 STATE_KEY = "hrnn"
 COMPILE_MIN_PARAMS = 1 << 16
-"""Below this many parameters the step stays eager even with ``compile=True``: there is less than
-one compiled chunk's worth of work, and the last, partial chunk always runs eagerly."""
+"""Below this many parameters the step stays eager even with ``backend="compiled"``: there is less
+than one compiled chunk's worth of work, and the last, partial chunk always runs eagerly."""
+BACKENDS = ("auto", "cpp", "eager", "compiled")
 _TENSOR_FIELDS = HRNNState._fields
 
 
@@ -67,12 +68,17 @@ class HierarchicalRNNOptimizer(Optimizer):
         seed: Seed of the random initial per-element learning rates in the state.
         state_dtype: Floating point type of the state buffers (``torch.bfloat16`` halves them);
             the true parameters kept with attention stay float32.
-        compile: Compile the element-level part of the step with ``torch.compile`` (inductor).
-            ``None`` means the automatic choice, which is eager for now: the compiled step has not
-            yet been measured faster than the chunked eager one, and a cold compilation takes
-            minutes (inductor caches it on disk across processes). Without a working compiler the
-            step falls back to eager with one warning.
-        chunk_size: Elements per chunk of the step's element-level part (``0``: one chunk).
+        compile: Kept for compatibility: ``True`` means ``backend="compiled"``, ``False`` means
+            ``backend="eager"``, ``None`` leaves ``backend`` in charge.
+        chunk_size: Elements per chunk of the step's eager element-level part (``0``: one chunk).
+        backend: How the step's element-level part runs. ``"auto"`` (default): the fused C++
+            kernel of :mod:`lightning_lopt.kernels` on CPU (built on the first step, about a minute
+            once per machine, then loaded from torch's extension cache in well under a second),
+            else eager. ``"cpp"``: the same, asked for explicitly. ``"eager"``: chunked torch
+            operations. ``"compiled"``: chunks through ``torch.compile``, only above
+            :data:`COMPILE_MIN_PARAMS` parameters (measured slower than eager here). Where the
+            choice does not apply (bfloat16 or float64 compute, a GPU) or fails to build, the step
+            runs eagerly; a failed build warns once. ``lopt.last_backend`` says which ran.
     """
 
     def __init__(
@@ -85,6 +91,7 @@ class HierarchicalRNNOptimizer(Optimizer):
         state_dtype: Optional[torch.dtype] = None,
         compile: Optional[bool] = None,
         chunk_size: int = DEFAULT_CHUNK,
+        backend: str = "auto",
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning-rate multiplier lr={lr}: it must be >= 0.")
@@ -104,7 +111,11 @@ class HierarchicalRNNOptimizer(Optimizer):
         self._warned_nonfinite = False
         self._layout_cache: dict[Any, Layout] = {}
         self._training = True
-        self.compile = compile
+        if backend not in BACKENDS:
+            raise ValueError(f"Unknown backend {backend!r}; expected one of {BACKENDS}.")
+        if compile is not None:
+            backend = "compiled" if compile else "eager"
+        self.backend = backend
         self.chunk_size = int(chunk_size)
         self._point_buffer: Optional[Tensor] = None
 
@@ -335,8 +346,10 @@ class HierarchicalRNNOptimizer(Optimizer):
             )
 
         diagnostics = self._diagnostics_requested
-        compile = bool(self.compile) and layout.numel >= COMPILE_MIN_PARAMS
-        fast = dict(chunk_size=self.chunk_size, compile=compile)
+        backend = self.backend
+        if backend == "compiled" and layout.numel < COMPILE_MIN_PARAMS:
+            backend = "eager"
+        fast: dict[str, Any] = dict(chunk_size=self.chunk_size, backend=backend)
         if full:
             # The step writes the new state straight into the flat buffers, and the point into a
             # kept buffer, so a step allocates nothing of the parameters' size.

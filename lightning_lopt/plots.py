@@ -204,7 +204,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("run_dir", help="a history file, or a directory searched recursively for lopt_history.json")
     parser.add_argument("--out", default=None, help="output directory (default: beside each history file)")
     args = parser.parse_args(argv)
-    paths = find_histories(args.run_dir)
+    try:
+        paths = find_histories(args.run_dir)
+    except FileNotFoundError as err:
+        parser.exit(1, f"{err}\n")
     if not paths:
         parser.exit(1, f"No lopt_history.json under {args.run_dir}.\n")
     for path in paths:

@@ -329,6 +329,12 @@ def test_summary_agrees_with_optimizer_state() -> None:
     for j, key in enumerate(GLOBAL_UNITS):
         assert got[key] == pytest.approx(st["h_global"][0, j].item(), rel=1e-6, abs=1e-7)
 
+    # Quantiles of a strided subsample; means still over every element.
+    sub = diagnostics_summary(diag, names, sizes, quantiles=quantiles, max_samples=10)
+    assert sub.keys() == got.keys() and all(math.isfinite(v) for v in sub.values())
+    for key in ("lopt/timescale/s0_mean", "lopt/lr/0.weight/mean", "lopt/lr/min", "lopt/update/ratio"):
+        assert sub[key] == pytest.approx(got[key], rel=1e-6)
+
     hists = diagnostics_histograms(diag, bins=16)
     h = hists["lopt/hist/log10_lr"]
     assert h.num == sum(h.counts) == bounds[-1]

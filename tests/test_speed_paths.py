@@ -1,5 +1,5 @@
 """Every execution path of the step (unchunked, chunked, in place, compiled, bf16 state) computes
-the same update as the unchunked eager reference."""
+the same update as the unchunked eager reference (the C++ kernel: tests/test_kernel.py)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ def _run(
     in_place: bool = False,
     **kwargs,
 ) -> list[tuple[torch.Tensor, HRNNState]]:
+    kwargs.setdefault("backend", "eager")  # the C++ kernel has its own tests (test_kernel.py)
     layout, state, point = _setup(lopt, dtype)
     state = HRNNState(*(None if t is None else t.clone() for t in state))
     lr = torch.linspace(0.5, 1.0, layout.num_tensors, dtype=dtype)

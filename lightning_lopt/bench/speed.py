@@ -9,6 +9,7 @@ Run ``python -m lightning_lopt.bench.speed`` (``--help`` for options). It prints
 * the step's achieved GFLOP/s, counting the parameter-level GRU and read-outs (the FLOP count per
   parameter is derived from the architecture and printed), against this machine's fp32
   matrix-multiply peak measured in the same run;
+* with ``--kernel-times``, the C++ kernel's cold build and warm load times;
 * the meta-training throughput: inner steps per second of the differentiable step, with the
   backward pass through an unroll, on a batch of small problems held in one layout.
 
@@ -166,12 +167,20 @@ def optimizer_factories(compile_modes: Sequence[str]) -> list[tuple[str, Callabl
             rows.append(("HRNN", _make_hrnn()))
             rows.append(("HRNN bf16 state", _make_hrnn(state_dtype=torch.bfloat16)))
         elif mode == "eager":
-            rows.append(("HRNN eager", _make_hrnn(compile=False)))
+            rows.append(("HRNN eager", _make_hrnn(backend="eager") or _make_hrnn(compile=False)))
+        elif mode == "cpp":
+            rows.append(("HRNN cpp", _make_hrnn(backend="cpp")))
+            rows.append(("HRNN cpp bf16 state", _make_hrnn(backend="cpp", state_dtype=torch.bfloat16)))
         elif mode == "compiled":
-            rows.append(("HRNN compiled", _make_hrnn(compile=True)))
-            rows.append(("HRNN compiled bf16 state", _make_hrnn(compile=True, state_dtype=torch.bfloat16)))
+            if _accepts(HierarchicalRNNOptimizer, "backend"):
+                rows.append(("HRNN compiled", _make_hrnn(backend="compiled")))
+                rows.append(("HRNN compiled bf16 state", _make_hrnn(backend="compiled", state_dtype=torch.bfloat16)))
+            else:
+                rows.append(("HRNN compiled", _make_hrnn(compile=True)))
+                rows.append(("HRNN compiled bf16 state", _make_hrnn(compile=True, state_dtype=torch.bfloat16)))
         elif mode == "unchunked":
-            rows.append(("HRNN eager unchunked", _make_hrnn(compile=False, chunk_size=0)))
+            rows.append(("HRNN eager unchunked", _make_hrnn(backend="eager", chunk_size=0)
+                         or _make_hrnn(compile=False, chunk_size=0)))
     return [(name, make) for name, make in rows if make is not None]
 
 
@@ -274,14 +283,18 @@ def compile_start_times(size: int, cache_dir: Optional[str] = None) -> Optional[
     option. Each measurement runs in a new Python process so that only inductor's on-disk cache
     carries over.
     """
-    if not _accepts(HierarchicalRNNOptimizer, "compile"):
+    if _accepts(HierarchicalRNNOptimizer, "backend"):
+        compile_arg = "backend='compiled'"
+    elif _accepts(HierarchicalRNNOptimizer, "compile"):
+        compile_arg = "compile=True"
+    else:
         return None
     code = (
         "import time, warnings, torch\n"
         "warnings.simplefilter('ignore')\n"
         "from lightning_lopt import HierarchicalRNN, HierarchicalRNNOptimizer\n"
         f"p = torch.nn.Parameter(torch.randn({size})); p.grad = torch.randn({size})\n"
-        "opt = HierarchicalRNNOptimizer([p], weights=HierarchicalRNN(), compile=True)\n"
+        f"opt = HierarchicalRNNOptimizer([p], weights=HierarchicalRNN(), {compile_arg})\n"
         "t0 = time.perf_counter(); opt.step(); print(time.perf_counter() - t0)\n"
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -290,6 +303,32 @@ def compile_start_times(size: int, cache_dir: Optional[str] = None) -> Optional[
         for _ in range(2):
             out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
             found.append(float(out.stdout.strip().splitlines()[-1]))
+    return found[0], found[1]
+
+
+def kernel_start_times() -> Optional[tuple[float, float]]:
+    """Build time of the C++ kernel with an empty extension cache, then its load time from that cache.
+
+    Returns ``(cold_s, warm_s)``, each measured in a fresh Python process (only the on-disk cache
+    carries over), or None when this version has no C++ kernel or it does not build here.
+    """
+    try:
+        import lightning_lopt.kernels  # noqa: F401
+    except ImportError:
+        return None
+    code = (
+        "import torch, warnings\n"
+        "from lightning_lopt.kernels import cpu_kernel, cpu_kernel_build_seconds\n"
+        "print(cpu_kernel_build_seconds() if cpu_kernel() is not None else -1.0)\n"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, TORCH_EXTENSIONS_DIR=tmp)
+        found = []
+        for _ in range(2):
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+            found.append(float(out.stdout.strip().splitlines()[-1]))
+    if min(found) < 0:
+        return None
     return found[0], found[1]
 
 
@@ -309,12 +348,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument(
         "--modes",
         default="default",
-        help="HRNN variants: default (the optimizer's own choice, fp32 and bf16 state), eager, compiled, unchunked",
+        help="HRNN variants: default (the optimizer's own choice, fp32 and bf16 state), cpp (the C++ kernel, "
+        "fp32 and bf16 state), eager, compiled, unchunked",
     )
     parser.add_argument("--repeats", type=int, default=0, help="timed steps per row (default: by size)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default %(default)s)")
     parser.add_argument("--no-meta", action="store_true", help="skip the meta-training throughput")
     parser.add_argument("--compile-times", action="store_true", help="measure cold and warm compile start-up")
+    parser.add_argument(
+        "--kernel-times", action="store_true", help="measure the C++ kernel's cold build and warm load in fresh processes"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
 
@@ -376,6 +419,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             print("| --- | ---: |")
             print(f"| cold (empty inductor cache) | {times[0]:.1f} |")
             print(f"| warm (inductor cache from the previous process) | {times[1]:.1f} |")
+
+    if args.kernel_times:
+        print()
+        times = kernel_start_times()
+        if times is None:
+            print("(no C++ kernel here)")
+        else:
+            print("| C++ kernel start-up (fresh process) | seconds |")
+            print("| --- | ---: |")
+            print(f"| cold build (empty extension cache) | {times[0]:.1f} |")
+            print(f"| warm load (extension cache from the previous process) | {times[1]:.2f} |")
 
 
 if __name__ == "__main__":

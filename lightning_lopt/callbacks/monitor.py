@@ -8,6 +8,7 @@ summarises them the same way.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
@@ -51,9 +53,18 @@ def timescales(beta_in: Tensor, num_timescales: int) -> Tensor:
     ``1 - beta`` is floored at float32's machine epsilon, so a saturated decay reads as about
     8.4e6 steps instead of infinity.
     """
-    exponents = torch.pow(2.0, -torch.arange(num_timescales, dtype=torch.float32, device=beta_in.device))
-    betas = beta_in.float().clamp(0.0, 1.0).unsqueeze(-1) ** exponents
-    return 1.0 / (1.0 - betas).clamp_min(_EPS)
+    return torch.stack(_timescale_list(beta_in, num_timescales), -1)
+
+
+def _timescale_list(beta_in: Tensor, num_timescales: int) -> list[Tensor]:
+    # beta ** 2**-s by repeated square roots: much cheaper than a fractional power.
+    beta = beta_in.float().clamp(0.0, 1.0)
+    out = []
+    for s in range(num_timescales):
+        if s:
+            beta = beta.sqrt()
+        out.append((1.0 - beta).clamp_min_(_EPS).reciprocal_())
+    return out
 
 
 def _sample_index(sizes: Sequence[int], max_samples: int, device: torch.device) -> Optional[Tensor]:
@@ -66,32 +77,49 @@ def _sample_index(sizes: Sequence[int], max_samples: int, device: torch.device) 
     return torch.unique(torch.cat([strided, starts]))
 
 
-def _segment_quantiles(values: Tensor, seg: Tensor, num_segments: int, qs: Sequence[float], transform: Any) -> Tensor:
-    """Quantiles of ``transform(values)`` within each segment, ``(num_segments, len(qs))``.
+def _sort_within(values: Tensor, counts: Tensor) -> Tensor:
+    """``values`` sorted within consecutive segments of lengths ``counts`` (on an accelerator)."""
+    if counts.numel() == 1:
+        return torch.sort(values).values
+    # One sort for every segment: the key is the segment index plus the value scaled into [0, 0.5].
+    seg = torch.repeat_interleave(torch.arange(counts.numel(), device=values.device), counts)
+    v = values.double()
+    lo, hi = v.min(), v.max()
+    key = seg.double() + 0.5 * (v - lo) / torch.clamp(hi - lo, min=1e-300)
+    return values[torch.sort(key).indices]
+
+
+def _segment_quantiles(values: Tensor, counts: Tensor, qs: Sequence[float], transform: Any) -> Tensor:
+    """Quantiles of ``transform(values)`` within consecutive segments, ``(segments, len(qs), ...)``.
 
     ``transform`` must be increasing: the order statistics of ``values`` are gathered and only
-    those few are transformed, then interpolated linearly as ``torch.quantile`` does. One sort
-    serves every segment: the key is the segment index plus the value scaled into ``[0, 0.5]``.
+    those few are transformed, then interpolated linearly as ``torch.quantile`` does.
     """
-    v = values.double()
-    lo_v, hi_v = v.min(), v.max()
-    scaled = (v - lo_v) / torch.clamp(hi_v - lo_v, min=1e-300)
-    order = torch.sort(seg.double() + 0.5 * scaled).indices
-    sorted_v = values[order]
-    counts = torch.bincount(seg, minlength=num_segments)
+    if values.device.type == "cpu":
+        # NumPy sorts small arrays an order of magnitude faster than torch.sort on the CPU, and
+        # does the index arithmetic without torch's per-operation overhead.
+        arr = values.detach().numpy()
+        cnt = counts.numpy()
+        bounds = np.cumsum(cnt)[:-1]
+        sorted_np = np.concatenate([np.sort(part) for part in np.split(arr, bounds)])
+        first = np.cumsum(cnt) - cnt
+        span_np = np.maximum(cnt - 1, 0)
+        pos_np = first[:, None] + np.asarray(qs, dtype=np.float64)[None, :] * span_np[:, None]
+        lo_np = np.floor(pos_np).astype(np.int64)
+        hi_np = np.minimum(lo_np + 1, (first + span_np)[:, None])
+        w = torch.from_numpy((pos_np - lo_np).astype(np.float32))
+        a, b = transform(torch.from_numpy(sorted_np[lo_np])), transform(torch.from_numpy(sorted_np[hi_np]))
+        return a + w.view(*w.shape, *([1] * (a.dim() - w.dim()))) * (b - a)
+    sorted_v = _sort_within(values, counts)
     starts = counts.cumsum(0) - counts
-    last = starts + (counts - 1).clamp_min(0)
+    span = (counts - 1).clamp_min(0)
     q = torch.tensor(list(qs), dtype=torch.float64, device=values.device)
-    pos = starts.unsqueeze(1).double() + q.unsqueeze(0) * (counts - 1).clamp_min(0).unsqueeze(1).double()
+    pos = starts.unsqueeze(1).double() + q.unsqueeze(0) * span.unsqueeze(1).double()
     lo = pos.floor().long()
-    hi = torch.minimum(lo + 1, last.unsqueeze(1))
+    hi = torch.minimum(lo + 1, (starts + span).unsqueeze(1))
     weight = (pos - lo.double()).float()
     a, b = transform(sorted_v[lo]), transform(sorted_v[hi])
     return a + weight.view(*weight.shape, *([1] * (a.dim() - weight.dim()))) * (b - a)
-
-
-def _ratio(num: Tensor, den: Tensor) -> Tensor:
-    return num / den.clamp_min(_TINY)
 
 
 _TENSOR_STATS_CACHE: dict[tuple, list[str]] = {}
@@ -140,8 +168,8 @@ def diagnostics_summary(
     - ``<p>/tensor_rnn/mean``, ``<p>/tensor_rnn/rms``: the tensor RNN's activations.
     - ``<p>/global_rnn/unit_00`` ...: each unit of the global RNN (mean over problems).
 
-    Vectorised over tensors (segment reductions, one sort per quantity), with a single transfer
-    to the host.
+    Vectorised over tensors (segment reductions; sorts only for the quantiles), with a single
+    transfer to the host.
 
     Args:
         diag: The diagnostics of one step.
@@ -172,77 +200,97 @@ def diagnostics_summary(
     with torch.no_grad():
         size_t = torch.tensor(sizes, device=device)
         tid = torch.repeat_interleave(torch.arange(t_count, device=device), size_t)
-        count = size_t.float()
-
-        def seg_sum(x: Tensor) -> Tensor:
-            return torch.zeros(t_count, device=device).index_add_(0, tid, x.float())
-
         beta_in, beta_sc = diag.beta_in.float(), diag.beta_sc.float()
         log_step = diag.log_step_size.float()
-        exps = [2.0**-s for s in range(k)]
 
-        def to_tau(b: Tensor) -> Tensor:
-            b = b.float().clamp(0.0, 1.0)
-            return torch.stack([1.0 / (1.0 - b**e).clamp_min(_EPS) for e in exps], -1)
-
-        # Sums per tensor: (T, C); the totals over all tensors are their column sums.
-        sums = [seg_sum(1.0 / (1.0 - beta_in**e).clamp_min(_EPS)) for e in exps]
-        sums += [seg_sum(beta_sc), seg_sum(1.0 / (1.0 - beta_sc).clamp_min(_EPS)), seg_sum(torch.exp(log_step))]
-        sums += [seg_sum(diag.attention_offset.float().square()), seg_sum(diag.theta.float().square())]
-        sums += [seg_sum(diag.update.float().square())]
-        sums_t = torch.stack(sums, 1)
-        total = sums_t.sum(0)
-        tau_mean_t, tau_mean = sums_t[:, :k] / count.unsqueeze(1), total[:k] / n
-        rest_t, rest = sums_t[:, k:] / count.unsqueeze(1), total[k:] / n  # means of the remaining columns
+        # Per-element columns reduced per tensor: K timescales, beta_sc, its timescale, the applied
+        # lr, and the squares of offset, theta and update (for the norms).
+        columns = _timescale_list(beta_in, k) + [
+            beta_sc,
+            (1.0 - beta_sc).clamp_min_(_EPS).reciprocal_(),
+            torch.exp(log_step),
+            diag.attention_offset.float().square(),
+            diag.theta.float().square(),
+            diag.update.float().square(),
+        ]
+        if device.type == "cpu":
+            # Tensors are contiguous runs of the flat vector: NumPy's reduceat sums them in float64,
+            # far faster than index_add on the CPU.
+            starts = np.cumsum([0, *sizes[:-1]])
+            sums_t = torch.from_numpy(
+                np.stack([np.add.reduceat(col.numpy().astype(np.float64), starts) for col in columns], 1)
+            )
+            lo_t = torch.from_numpy(np.minimum.reduceat(log_step.numpy(), starts))
+            hi_t = torch.from_numpy(np.maximum.reduceat(log_step.numpy(), starts))
+        else:
+            sums_t = torch.stack([torch.zeros(t_count, device=device).index_add_(0, tid, col) for col in columns], 1)
+            lo_t = torch.full((t_count,), math.inf, device=device).scatter_reduce(0, tid, log_step, "amin")
+            hi_t = torch.full((t_count,), -math.inf, device=device).scatter_reduce(0, tid, log_step, "amax")
 
         sample = _sample_index(sizes, max_samples, device)
         b_s = beta_in if sample is None else beta_in[sample]
         l_s = log_step if sample is None else log_step[sample]
-        zeros = torch.zeros_like(b_s, dtype=torch.long)
-        tau_q = _segment_quantiles(b_s, zeros, 1, qs, to_tau)[0]  # (Q, K)
-        lr_med = _segment_quantiles(l_s, zeros, 1, [0.5], torch.exp)[0, 0]
-
-        def block(tau_m: Tensor, tau_qs: Tensor, means: Tensor, med: Tensor, lo: Tensor, hi: Tensor, h: Tensor) -> Tensor:
-            # means: (..., 6) = beta_sc, sc timescale, lr, offset^2, theta^2, update^2 (mean squares)
-            off, th, up = means[..., 3].sqrt(), means[..., 4].sqrt(), means[..., 5].sqrt()
-            tau_part = torch.cat([tau_m.unsqueeze(-2), tau_qs], -2).transpose(-1, -2).flatten(-2)
-            return torch.cat(
-                [
-                    tau_part,
-                    torch.stack(
-                        [
-                            means[..., 0], means[..., 1], means[..., 2], med, torch.exp(lo), torch.exp(hi),
-                            _ratio(off, th), _ratio(off, up), up, _ratio(up, th),
-                            h.mean(-1), h.square().mean(-1).sqrt(),
-                        ],
-                        -1,
-                    ),
-                ],
-                -1,
-            )
-
-        h_all = diag.h_tensor.float().reshape(-1)
-        overall = block(tau_mean, tau_q, rest, lr_med, log_step.min(), log_step.max(), h_all)
-        parts = [overall]
+        whole = torch.tensor([b_s.numel()], device=device)
+        to_tau = functools.partial(timescales, num_timescales=k)
+        parts = [
+            sums_t.flatten(),
+            lo_t,
+            hi_t,
+            _segment_quantiles(b_s, whole, qs, to_tau).flatten(),  # (1, Q, K)
+            _segment_quantiles(l_s, whole, [0.5], torch.exp).flatten(),
+        ]
         if per_tensor:
-            tid_s = tid if sample is None else tid[sample]
-            tau_q_t = _segment_quantiles(b_s, tid_s, t_count, qs, to_tau)  # (T, Q, K)
-            lr_med_t = _segment_quantiles(l_s, tid_s, t_count, [0.5], torch.exp)[:, 0]
-            lo_t = torch.full((t_count,), math.inf, device=device).scatter_reduce(0, tid, log_step, "amin")
-            hi_t = torch.full((t_count,), -math.inf, device=device).scatter_reduce(0, tid, log_step, "amax")
-            parts.append(block(tau_mean_t, tau_q_t, rest_t, lr_med_t, lo_t, hi_t, diag.h_tensor.float()).reshape(-1))
-        units = diag.h_global.float().mean(0)
-        parts.append(units)
+            # The sample keeps the flat order, so each tensor's elements stay contiguous.
+            seg_counts = size_t if sample is None else torch.bincount(tid[sample], minlength=t_count)
+            parts.append(_segment_quantiles(b_s, seg_counts, qs, to_tau).flatten())  # (T, Q, K)
+            parts.append(_segment_quantiles(l_s, seg_counts, [0.5], torch.exp).flatten())
+        h = diag.h_tensor.float()
+        parts += [h.sum(1), h.square().sum(1), diag.h_global.float().mean(0)]
         # One transfer for everything: a single device synchronisation per logged step.
-        floats = torch.cat(parts).cpu().tolist()
+        packed = torch.cat([part.double() for part in parts]).cpu().numpy()
+
+    # The rest is a few hundred numbers: NumPy on the host, in float64.
+    c, q_n, units_n = len(columns), len(qs), diag.h_global.shape[-1]
+    take = iter(np.split(packed, np.cumsum([t_count * c, t_count, t_count, q_n * k, 1] + (
+        [t_count * q_n * k, t_count] if per_tensor else []) + [t_count, t_count])))
+    sums_t, lo_t, hi_t = next(take).reshape(t_count, c), next(take), next(take)
+    tau_q, lr_med = next(take).reshape(1, q_n, k), next(take)
+    if per_tensor:
+        tau_q_t, lr_med_t = next(take).reshape(t_count, q_n, k), next(take)
+    h_sum, h_sq, units = next(take), next(take), next(take)
+    counts = np.asarray(sizes, dtype=np.float64)
+    units_u = diag.h_tensor.shape[-1]
+
+    def block(sums: np.ndarray, count: np.ndarray, tau_qs: np.ndarray, med: np.ndarray, lo: np.ndarray,
+              hi: np.ndarray, hs: np.ndarray, hq: np.ndarray, h_count: np.ndarray) -> np.ndarray:
+        means = sums / count[:, None]
+        off, th, up = (np.sqrt(sums[:, j]) for j in (k + 3, k + 4, k + 5))
+        tau = np.concatenate([means[:, None, :k], tau_qs], 1).transpose(0, 2, 1).reshape(len(count), -1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            stats = [
+                means[:, k], means[:, k + 1], means[:, k + 2], med, np.exp(lo), np.exp(hi),
+                off / np.maximum(th, _TINY), off / np.maximum(up, _TINY), up / np.sqrt(count),
+                up / np.maximum(th, _TINY), hs / h_count, np.sqrt(hq / h_count),
+            ]
+        return np.concatenate([tau, np.stack(stats, 1)], 1)
+
+    rows = [
+        block(sums_t.sum(0, keepdims=True), np.array([float(n)]), tau_q, lr_med, lo_t.min(keepdims=True),
+              hi_t.max(keepdims=True), h_sum.sum(keepdims=True), h_sq.sum(keepdims=True),
+              np.array([float(t_count * units_u)]))
+    ]
+    if per_tensor:
+        rows.append(block(sums_t, counts, tau_q_t, lr_med_t, lo_t, hi_t, h_sum, h_sq,
+                          np.full(t_count, float(units_u))))
+    floats = np.concatenate([r.reshape(-1) for r in rows] + [units]).tolist()
 
     cols = _stat_names(k, qs)
     keys = [f"{prefix}/{c}" for c in cols]
     if per_tensor:
         for name in names:
             keys += [f"{prefix}/{c.replace('/', '/' + name + '/', 1)}" for c in cols]
-    width = max(2, len(str(units.numel() - 1)))
-    keys += [f"{prefix}/global_rnn/unit_{j:0{width}d}" for j in range(units.numel())]
+    width = max(2, len(str(units_n - 1)))
+    keys += [f"{prefix}/global_rnn/unit_{j:0{width}d}" for j in range(units_n)]
     return dict(zip(keys, floats))
 
 
@@ -289,17 +337,22 @@ class HistogramData:
         )
 
 
-def _histogram(x: Tensor, bins: int) -> tuple[Tensor, Tensor, Tensor]:
-    # Binned on the device, so only `bins` numbers cross to the host.
-    x = x.float().reshape(-1)
-    mn, mx = x.min(), x.max()
+def _histograms(x: Tensor, bins: int) -> Tensor:
+    """Histograms of each row of ``x`` ``(S, n)``, binned on the device so only a few numbers cross
+    to the host: ``(S, bins + (bins + 1) + 4)`` = counts, edges, then min, max, sum, sum of squares.
+    """
+    x = x.float()
+    rows = x.shape[0]
+    mn, mx = x.min(1).values, x.max(1).values
     flat = mx <= mn
     lo, hi = torch.where(flat, mn - 0.5, mn), torch.where(flat, mx + 0.5, mx)
-    idx = ((x - lo) / (hi - lo) * bins).long().clamp_(0, bins - 1)
-    counts = torch.bincount(idx, minlength=bins).float()
-    edges = lo + (hi - lo) * torch.arange(bins + 1, device=x.device, dtype=torch.float32) / bins
-    moments = torch.stack([mn, mx, x.sum(), x.square().sum()])
-    return counts, edges, moments
+    idx = ((x - lo[:, None]) / (hi - lo)[:, None] * bins).long().clamp_(0, bins - 1)
+    idx += torch.arange(rows, device=x.device)[:, None] * bins
+    counts = torch.bincount(idx.reshape(-1), minlength=rows * bins).float().view(rows, bins)
+    steps = torch.arange(bins + 1, device=x.device, dtype=torch.float32) / bins
+    edges = lo[:, None] + (hi - lo)[:, None] * steps
+    moments = torch.stack([mn, mx, x.sum(1), x.square().sum(1)], 1)
+    return torch.cat([counts, edges, moments], 1)
 
 
 def diagnostics_histograms(
@@ -308,6 +361,7 @@ def diagnostics_histograms(
     prefix: str = "lopt",
     num_timescales: int = 4,
     bins: int = 64,
+    max_samples: int = 2**20,
 ) -> dict[str, HistogramData]:
     """Histograms over all parameters of one step's diagnostics.
 
@@ -320,28 +374,72 @@ def diagnostics_histograms(
         prefix: First component of every key.
         num_timescales: ``K`` of the hierarchical RNN.
         bins: Number of bins.
+        max_samples: More elements than this are histogrammed on a strided subsample of about
+            this size (the histogram's ``num`` is then the subsample's).
     """
     with torch.no_grad():
-        sources: dict[str, Tensor] = {}
-        taus = timescales(diag.beta_in, num_timescales)
-        for s in range(num_timescales):
-            sources[f"{prefix}/hist/log10_timescale_s{s}"] = torch.log10(taus[:, s])
-        sources[f"{prefix}/hist/log10_lr"] = diag.log_step_size.float() / math.log(10.0)
-        offset = diag.attention_offset.float().abs()
+        n = diag.beta_in.numel()
+        stride = max(1, -(-n // max_samples))
+        beta_in, log_step, offset = diag.beta_in[::stride], diag.log_step_size[::stride], diag.attention_offset[::stride]
+        # All per-element quantities in one (K + 1, n) block: one histogram pass for all of them.
+        rows = torch.cat([torch.log10(timescales(beta_in, num_timescales)).T, (log_step.float() / math.log(10.0))[None]])
+        keys = [f"{prefix}/hist/log10_timescale_s{s}" for s in range(num_timescales)] + [f"{prefix}/hist/log10_lr"]
+        nums = [rows.shape[1]] * rows.shape[0]
+        blocks = [_histograms(rows, bins)]
+        offset = offset.float().abs()
         offset = offset[offset > 0]
         if offset.numel():
-            sources[f"{prefix}/hist/log10_attention_offset"] = torch.log10(offset)
-        sources[f"{prefix}/hist/tensor_rnn"] = diag.h_tensor
-        parts = [_histogram(v, bins) for v in sources.values()]
-        nums = [v.numel() for v in sources.values()]
-        packed = torch.cat([torch.cat(p) for p in parts]).cpu().tolist()
+            keys.append(f"{prefix}/hist/log10_attention_offset")
+            nums.append(offset.numel())
+            blocks.append(_histograms(torch.log10(offset)[None], bins))
+        keys.append(f"{prefix}/hist/tensor_rnn")
+        nums.append(diag.h_tensor.numel())
+        blocks.append(_histograms(diag.h_tensor.reshape(1, -1), bins))
+        packed = torch.cat(blocks).cpu().tolist()
     out = {}
-    width = 2 * bins + 1 + 4
-    for i, (key, num) in enumerate(zip(sources, nums)):
-        row = packed[i * width : (i + 1) * width]
+    for key, num, row in zip(keys, nums, packed):
         counts, edges, (mn, mx, total, sq) = row[:bins], row[bins : 2 * bins + 1], row[2 * bins + 1 :]
         out[key] = HistogramData(counts, edges, mn, mx, num, total, sq)
     return out
+
+
+def _tensorboard_scalars(logger: TensorBoardLogger, metrics: dict[str, float], step: int) -> bool:
+    """Write all scalars as one TensorBoard event; False where the writer does not allow it.
+
+    ``log_metrics`` writes one event per key, which for hundreds of keys costs more than
+    computing them.
+    """
+    writer = getattr(logger.experiment, "_get_file_writer", None)
+    if writer is None:
+        return False
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    prefix = getattr(logger, "_prefix", "")
+    join = getattr(logger, "LOGGER_JOIN_CHAR", "-")
+    values = [Summary.Value(tag=f"{prefix}{join}{k}" if prefix else k, simple_value=v) for k, v in metrics.items()]
+    writer().add_summary(Summary(value=values), step)
+    return True
+
+
+def _tensorboard_histograms(logger: TensorBoardLogger, hists: dict[str, HistogramData], step: int) -> bool:
+    """Write all histograms as one TensorBoard event; False where the writer does not allow it."""
+    writer = getattr(logger.experiment, "_get_file_writer", None)
+    if writer is None:
+        return False
+    from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+
+    values = [
+        Summary.Value(
+            tag=key,
+            histo=HistogramProto(
+                min=h.min, max=h.max, num=h.num, sum=h.sum, sum_squares=h.sum_squares,
+                bucket_limit=h.edges[1:], bucket=h.counts,
+            ),
+        )
+        for key, h in hists.items()
+    ]
+    writer().add_summary(Summary(value=values), step)
+    return True
 
 
 @dataclass
@@ -366,7 +464,11 @@ class LearnedOptimizerMonitor(Callback):
 
     The first optimizer found in ``trainer.optimizers`` logs under ``lopt/``, any further one under
     ``lopt{i}/`` with ``i`` its position. Per-tensor keys use the names from
-    ``pl_module.named_parameters()``.
+    ``pl_module.named_parameters()``; a tensor without a gradient at a logged step has no
+    per-tensor keys at that step. Scalars go to every logger with ``log_metrics`` at the loggers'
+    step, independent of ``Trainer(log_every_n_steps)``; a TensorBoard logger gets each logged
+    step's scalars and histograms as one event each, since one event per key costs more than
+    computing the statistics.
 
     Args:
         logging_interval: Log every this many optimizer steps (counted like the loggers' step).
@@ -481,7 +583,8 @@ class LearnedOptimizerMonitor(Callback):
                 summary = self._summarise(opt, diag, prefix)
                 if summary is not None:
                     metrics.update(summary)
-                    if self.histograms or self.plots:
+                    histogram_logger = any(isinstance(lg, (WandbLogger, TensorBoardLogger)) for lg in trainer.loggers)
+                    if (self.histograms and histogram_logger) or self.plots:
                         hists = diagnostics_histograms(
                             diag, prefix=prefix, num_timescales=opt.lopt.num_timescales, bins=self.histogram_bins
                         )
@@ -519,13 +622,14 @@ class LearnedOptimizerMonitor(Callback):
 
     def _log(self, trainer: "pl.Trainer", metrics: dict[str, float], hists: dict[str, HistogramData], step: int) -> None:
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+            if not (isinstance(logger, TensorBoardLogger) and _tensorboard_scalars(logger, metrics, step)):
+                logger.log_metrics(metrics, step=step)
         if not hists or not trainer.is_global_zero:
             return
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.experiment.log({**{k: h.to_wandb() for k, h in hists.items()}, "trainer/global_step": step})
-            elif isinstance(logger, TensorBoardLogger):
+            elif isinstance(logger, TensorBoardLogger) and not _tensorboard_histograms(logger, hists, step):
                 for key, h in hists.items():
                     h.add_to_tensorboard(logger.experiment, key, step)
 

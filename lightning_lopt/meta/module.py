@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_lopt.hrnn import HierarchicalRNN, HRNNState, Layout, StepDiagnostics
+from lightning_lopt.hrnn import HierarchicalRNN, HRNNState, Layout, StepDiagnostics, _read_weights
 from lightning_lopt.tasks import Task, TaskDistribution
 
 __all__ = ["MetaTrainingModule", "TaskSlot", "run_inner", "meta_objective_terms"]
@@ -208,7 +208,8 @@ class MetaTrainingModule(pl.LightningModule):
 
     Args:
         lopt_config: Arguments of :class:`~lightning_lopt.HierarchicalRNN` (architecture and init).
-        init_weights: Start from these weights (a shipped name, ``.safetensors`` or ``.ckpt``).
+        init_weights: Start from these weights (a shipped name, ``.safetensors`` or ``.ckpt``); entries
+            of ``lopt_config`` override the file's settings where the shapes stay the same.
         tasks: The training task distribution.
         tasks_per_step: Tasks stepped together in each training step.
         truncation_length: Inner steps per training step.
@@ -260,7 +261,11 @@ class MetaTrainingModule(pl.LightningModule):
             raise ValueError("truncation_length and tasks_per_step must be >= 1.")
         self.automatic_optimization = False
         if init_weights is not None:
-            self.lopt = HierarchicalRNN.from_pretrained(init_weights, **(lopt_config or {}))
+            # Continue from a file; lopt_config may change settings that keep the shapes (e.g. the
+            # log-lr bounds), and load_weights names any shape that no longer fits.
+            config, tensors, source = _read_weights(init_weights)
+            self.lopt = HierarchicalRNN(**{**config, **(lopt_config or {})})
+            self.lopt.load_weights(tensors, source=source)
         else:
             self.lopt = HierarchicalRNN(**(lopt_config or {}))
         self.save_hyperparameters(ignore=["tasks"])

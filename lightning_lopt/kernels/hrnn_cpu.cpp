@@ -1,0 +1,472 @@
+// Fused CPU kernel of the element-level part of the hierarchical RNN step (no autograd).
+//
+// Computes exactly the function of `_element_update` in lightning_lopt/hrnn.py for every element
+// of a flat buffer: the accumulators at K timescales, the 3K features, the parameter GRU with the
+// per-tensor injected bias, the read-outs, and the per-tensor sums the epilogue needs. Elements
+// are processed in tiles of 16 held structure-of-arrays on the stack, so every product and every
+// activation is a 16-lane vector operation and nothing of the parameters' size is allocated.
+// The Python step stays the reference; tests/test_kernel.py holds this kernel equal to it.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <omp.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int BL = 16;  // lanes per tile: one AVX-512 register of floats
+
+// Sizes known at compile time for the common configurations (0: read at run time), so that the
+// small products unroll fully and their accumulators stay in registers.
+template <int HT, int KT>
+struct Dims {
+  int H, K;
+  Dims(int h, int k) : H(HT ? HT : h), K(KT ? KT : k) {}
+};
+
+template <int HT, int KT>
+struct Caps {
+  // Upper bounds of the stack arrays of one tile.
+  static constexpr int H = HT ? HT : 64;
+  static constexpr int K = KT ? KT : 16;
+};
+
+struct Weights {
+  const float* wg;     // (F+H, 2H)
+  const float* bg;     // (2H,)
+  const float* wc;     // (F+H, H)
+  const float* bc;     // (H,)
+  const float* wo;     // (H+K, O)
+  const float* bo;     // (O,)
+  const float* table;  // (T, 3H+2): injected biases, problem-mean log lr, lr multiplier
+  int64_t table_w;
+  float keep, offset, ms_eps, eps, low, high;
+};
+
+template <typename S>
+struct StatePtrs {
+  const float* grad;
+  const S *h, *m, *v, *bi, *bs, *ll;
+  S *oh, *om, *ov, *obi, *obs, *oll;
+  float *ud, *ua;
+  const int64_t* tid;
+};
+
+// 16 floats as one value: the compiler keeps arrays of these in registers when their sizes are
+// compile-time constants, which the small products below depend on.
+typedef float v16 __attribute__((vector_size(64), aligned(64), may_alias));
+
+// acc[j] += sum_k in[k] * W[k * ld + j] for j < no, k < ni. Sizes fixed at compile time (NO, NI > 0)
+// unroll fully with the accumulators in registers; 0 means a run-time size.
+template <int NO, int NI>
+inline void matvec(v16* acc, const v16* in, const float* W, int ld, int no, int ni) {
+  if constexpr (NO > 0 && NI > 0) {
+    v16 a[NO];
+#pragma GCC unroll 64
+    for (int j = 0; j < NO; ++j) a[j] = acc[j];
+#pragma GCC unroll 4
+    for (int k = 0; k < NI; ++k) {
+      const v16 x = in[k];
+      const float* wr = W + k * ld;
+#pragma GCC unroll 64
+      for (int j = 0; j < NO; ++j) a[j] += x * wr[j];
+    }
+#pragma GCC unroll 64
+    for (int j = 0; j < NO; ++j) acc[j] = a[j];
+  } else {
+    for (int k = 0; k < ni; ++k) {
+      const v16 x = in[k];
+      const float* wr = W + k * ld;
+      for (int j = 0; j < no; ++j) acc[j] += x * wr[j];
+    }
+  }
+}
+
+// Columns [0, cols) of nb rows of a row-major (rows, stride) float matrix into dst[col][lane] and
+// back; padding lanes read as 0. Gathers and scatters where AVX-512 has them.
+inline void load_cols(const float* src, int stride, int cols, int nb, float (*dst)[16]) {
+#if defined(__AVX512F__)
+  const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                         _mm512_set1_epi32(stride));
+  const __mmask16 mk = nb >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << nb) - 1);
+  for (int c = 0; c < cols; ++c)
+    _mm512_store_ps(dst[c], _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, idx, src + c, 4));
+#else
+  for (int c = 0; c < cols; ++c)
+    for (int b = 0; b < 16; ++b) dst[c][b] = b < nb ? src[b * stride + c] : 0.0f;
+#endif
+}
+
+inline void store_cols(float* dst, int stride, int cols, int nb, const float (*src)[16]) {
+#if defined(__AVX512F__)
+  const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                         _mm512_set1_epi32(stride));
+  const __mmask16 mk = nb >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << nb) - 1);
+  for (int c = 0; c < cols; ++c) _mm512_mask_i32scatter_ps(dst + c, mk, idx, _mm512_load_ps(src[c]), 4);
+#else
+  for (int c = 0; c < cols; ++c)
+    for (int b = 0; b < nb; ++b) dst[b * stride + c] = src[c][b];
+#endif
+}
+
+inline float sigmoidf(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+
+template <typename S>
+inline float to_f(S x) { return static_cast<float>(x); }
+
+template <typename S>
+inline S from_f(float x) { return static_cast<S>(x); }
+
+// One thread's share: tiles [tile_begin, tile_end). Per-tensor sums go into `sums` (doubles,
+// rows tensor_lo ..), accumulated per run of equal tensor ids so that a long tensor costs one
+// vector add per value and tile, not a scatter per element.
+template <int HT, int KT, bool ATT, typename S>
+void run_tiles(const Dims<HT, KT> dims, const Weights& w, const StatePtrs<S>& p, int64_t n, int64_t tile_begin,
+               int64_t tile_end, double* sums, int64_t tensor_lo, int64_t width) {
+  const int H = dims.H, K = dims.K, F = 3 * K, G = 2 * H, O = ATT ? 5 : 4;
+  constexpr int CH = Caps<HT, KT>::H, CK = Caps<HT, KT>::K, CF = 3 * CK, CW = CH + CF + 2;
+  alignas(64) float g[BL], bi[BL], bs[BL], ll[BL];
+  alignas(64) float h[CH][BL], m[CK][BL], v[CK][BL], inj[3 * CH][BL], rel[BL], lr_e[BL];
+  alignas(64) float z[CF][BL], gate[2 * CH][BL], cand[CH][BL], rh[CH][BL], hn[CH][BL], out[5][BL];
+  alignas(64) float red[CW][BL];
+  alignas(64) double run[CW][BL];
+  alignas(64) float wide[BL * (CH > CK ? CH : CK)];  // one tile's rows of a bfloat16 state buffer, widened
+  int64_t run_tensor = -1;
+
+  auto flush = [&]() {
+    if (run_tensor < 0) return;
+    double* row = sums + (run_tensor - tensor_lo) * width;
+    for (int j = 0; j < width; ++j) {
+      double s = 0.0;
+      for (int b = 0; b < BL; ++b) s += run[j][b];
+      row[j] += s;
+    }
+    run_tensor = -1;
+  };
+
+  for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+    const int64_t e0 = tile * BL;
+    const int nb = static_cast<int>(std::min<int64_t>(BL, n - e0));
+    // ---- load (padding lanes get harmless values; they are neither stored nor reduced)
+    const int64_t t_first = p.tid[e0];
+    bool uniform = true;
+    for (int b = 1; b < nb; ++b) uniform &= p.tid[e0 + b] == t_first;
+    if constexpr (std::is_same<S, float>::value) {
+      load_cols(p.h + e0 * H, H, H, nb, h);
+      load_cols(p.m + e0 * K, K, K, nb, m);
+      load_cols(p.v + e0 * K, K, K, nb, v);
+    } else {
+      // Widen the tile's contiguous rows first (a vector loop), then transpose as for float.
+      for (int i = 0; i < nb * H; ++i) wide[i] = to_f(p.h[e0 * H + i]);
+      load_cols(wide, H, H, nb, h);
+      for (int i = 0; i < nb * K; ++i) wide[i] = to_f(p.m[e0 * K + i]);
+      load_cols(wide, K, K, nb, m);
+      for (int i = 0; i < nb * K; ++i) wide[i] = to_f(p.v[e0 * K + i]);
+      load_cols(wide, K, K, nb, v);
+    }
+    for (int b = 0; b < BL; ++b) {
+      const bool in = b < nb;
+      const int64_t e = e0 + (in ? b : 0);
+      g[b] = in ? p.grad[e] : 0.0f;
+      bi[b] = in ? to_f(p.bi[e]) : 0.0f;
+      bs[b] = in ? to_f(p.bs[e]) : 0.0f;
+      ll[b] = in ? to_f(p.ll[e]) : 0.0f;
+      const float* row = w.table + p.tid[e] * w.table_w;
+      if (!uniform)
+        for (int j = 0; j < 3 * H; ++j) inj[j][b] = row[j];
+      rel[b] = ll[b] - row[3 * H];
+      lr_e[b] = row[3 * H + 1];
+    }
+    const float* urow = w.table + t_first * w.table_w;  // the injected biases of a uniform tile
+
+    // ---- features: accumulators at K timescales, rescaled momenta, products, relative log magnitudes
+    {
+      alignas(64) float beta[BL], logsum[BL];
+      for (int b = 0; b < BL; ++b) { beta[b] = bi[b]; logsum[b] = 0.0f; }
+      for (int s = 0; s < K; ++s) {
+#pragma omp simd
+        for (int b = 0; b < BL; ++b) {
+          // beta_in ** 2**-s as repeated square roots, as the reference computes it.
+          const float be = s == 0 ? beta[b] : std::sqrt(beta[b]);
+          beta[b] = be;
+          const float a = (1.0f - be) * g[b] + be * m[s][b];
+          const float vv = (1.0f - bs[b]) * (a * a + w.ms_eps) + bs[b] * v[s][b];
+          m[s][b] = a;
+          v[s][b] = vv;
+          z[s][b] = std::asinh(a * (1.0f / std::sqrt(vv + w.eps)));
+          const float lm = std::log(vv + w.eps);
+          z[2 * K - 1 + s][b] = lm;
+          logsum[b] += lm;
+        }
+      }
+      const float inv_k = 1.0f / static_cast<float>(K);
+      for (int s = 0; s + 1 < K; ++s)
+#pragma omp simd
+        for (int b = 0; b < BL; ++b) z[K + s][b] = z[s][b] * z[s + 1][b];
+      for (int s = 0; s < K; ++s)
+#pragma omp simd
+        for (int b = 0; b < BL; ++b) z[2 * K - 1 + s][b] -= logsum[b] * inv_k;
+#pragma omp simd
+      for (int b = 0; b < BL; ++b) z[F - 1][b] = rel[b];
+    }
+
+    // ---- parameter GRU: gates from [z, h], candidate from [z, r*h]
+    constexpr int FT = KT ? 3 * KT : 0, GT = HT ? 2 * HT : 0, OT = ATT ? 5 : 4;
+    v16* vg = reinterpret_cast<v16*>(gate);
+    v16* vc = reinterpret_cast<v16*>(cand);
+    for (int j = 0; j < G; ++j)
+      if (uniform) vg[j] = v16{} + (w.bg[j] + urow[j]);
+      else vg[j] = reinterpret_cast<const v16*>(inj)[j] + w.bg[j];
+    matvec<GT, FT>(vg, reinterpret_cast<const v16*>(z), w.wg, G, G, F);
+    matvec<GT, HT>(vg, reinterpret_cast<const v16*>(h), w.wg + F * G, G, G, H);
+    for (int j = 0; j < G; ++j)
+#pragma omp simd
+      for (int b = 0; b < BL; ++b) gate[j][b] = sigmoidf(gate[j][b]);
+    for (int k = 0; k < H; ++k)
+#pragma omp simd
+      for (int b = 0; b < BL; ++b) rh[k][b] = gate[k][b] * h[k][b];
+    for (int j = 0; j < H; ++j)
+      if (uniform) vc[j] = v16{} + (w.bc[j] + urow[G + j]);
+      else vc[j] = reinterpret_cast<const v16*>(inj)[G + j] + w.bc[j];
+    matvec<HT, FT>(vc, reinterpret_cast<const v16*>(z), w.wc, H, H, F);
+    matvec<HT, HT>(vc, reinterpret_cast<const v16*>(rh), w.wc + F * H, H, H, H);
+    for (int j = 0; j < H; ++j)
+#pragma omp simd
+      for (int b = 0; b < BL; ++b) {
+        const float u = gate[H + j][b];
+        hn[j][b] = u * h[j][b] + (1.0f - u) * std::tanh(cand[j][b]);
+      }
+
+    // ---- read-outs from [h', x]: direction, log lr delta, beta_sc, beta_in (, attention)
+    v16* vo = reinterpret_cast<v16*>(out);
+    for (int o = 0; o < O; ++o) vo[o] = v16{} + w.bo[o];
+    matvec<OT, HT>(vo, reinterpret_cast<const v16*>(hn), w.wo, O, O, H);
+    matvec<OT, KT>(vo, reinterpret_cast<const v16*>(z), w.wo + H * O, O, O, K);
+    alignas(64) float o_ud[BL], o_ua[BL], o_ll[BL], o_bi[BL], o_bs[BL];
+#pragma omp simd
+    for (int b = 0; b < BL; ++b) {
+      const float step = std::min(std::max(ll[b] + out[1][b], w.low), w.high);
+      o_ll[b] = w.keep * ll[b] + (1.0f - w.keep) * step;
+      o_ud[b] = std::exp(step + w.offset) * lr_e[b] * out[0][b];
+      o_ua[b] = ATT ? std::exp(step) * lr_e[b] * out[O - 1][b] : o_ud[b];
+      o_bs[b] = sigmoidf(out[2][b]);
+      o_bi[b] = sigmoidf(out[3][b]);
+    }
+
+    // ---- store (after every load of this tile, so outputs may alias inputs)
+    if constexpr (std::is_same<S, float>::value) {
+      store_cols(p.oh + e0 * H, H, H, nb, hn);
+      store_cols(p.om + e0 * K, K, K, nb, m);
+      store_cols(p.ov + e0 * K, K, K, nb, v);
+    } else {
+      store_cols(wide, H, H, nb, hn);
+      for (int i = 0; i < nb * H; ++i) p.oh[e0 * H + i] = from_f<S>(wide[i]);
+      store_cols(wide, K, K, nb, m);
+      for (int i = 0; i < nb * K; ++i) p.om[e0 * K + i] = from_f<S>(wide[i]);
+      store_cols(wide, K, K, nb, v);
+      for (int i = 0; i < nb * K; ++i) p.ov[e0 * K + i] = from_f<S>(wide[i]);
+    }
+    for (int b = 0; b < nb; ++b) {
+      const int64_t e = e0 + b;
+      p.obi[e] = from_f<S>(o_bi[b]);
+      p.obs[e] = from_f<S>(o_bs[b]);
+      p.oll[e] = from_f<S>(o_ll[b]);
+      p.ud[e] = o_ud[b];
+      p.ua[e] = o_ua[b];
+    }
+
+    // ---- per-tensor reduction values: h', z, d^2 (, a^2)
+    for (int k = 0; k < H; ++k)
+#pragma omp simd
+      for (int b = 0; b < BL; ++b) red[k][b] = b < nb ? hn[k][b] : 0.0f;
+    for (int k = 0; k < F; ++k)
+#pragma omp simd
+      for (int b = 0; b < BL; ++b) red[H + k][b] = b < nb ? z[k][b] : 0.0f;
+#pragma omp simd
+    for (int b = 0; b < BL; ++b) {
+      red[H + F][b] = b < nb ? out[0][b] * out[0][b] : 0.0f;
+      if (ATT) red[H + F + 1][b] = b < nb ? out[O - 1][b] * out[O - 1][b] : 0.0f;
+    }
+    if (uniform) {
+      if (run_tensor != t_first) {
+        flush();
+        run_tensor = t_first;
+        for (int j = 0; j < width; ++j)
+          for (int b = 0; b < BL; ++b) run[j][b] = 0.0;
+      }
+      for (int j = 0; j < width; ++j)
+#pragma omp simd
+        for (int b = 0; b < BL; ++b) run[j][b] += static_cast<double>(red[j][b]);
+    } else {
+      flush();
+      for (int b = 0; b < nb; ++b) {
+        double* row = sums + (p.tid[e0 + b] - tensor_lo) * width;
+        for (int j = 0; j < width; ++j) row[j] += static_cast<double>(red[j][b]);
+      }
+    }
+  }
+  flush();
+}
+
+template <int HT, int KT, bool ATT, typename S>
+void run_all(int H, int K, const Weights& w, const StatePtrs<S>& p, int64_t n, torch::Tensor sums_out) {
+  const Dims<HT, KT> dims(H, K);
+  const int64_t width = sums_out.size(1);
+  const int64_t tiles = (n + BL - 1) / BL;
+  // Below a few thousand elements a parallel region costs more than it saves.
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles / 256)));
+  std::vector<std::vector<double>> partial(threads);
+  std::vector<int64_t> lows(threads, 0);
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num();
+    const int nt = omp_get_num_threads();
+    const int64_t tb = tiles * t / nt, te = tiles * (t + 1) / nt;
+    if (tb < te) {
+      const int64_t eb = tb * BL, ee = std::min<int64_t>(te * BL, n);
+      int64_t lo = p.tid[eb], hi = p.tid[eb];
+      for (int64_t e = eb; e < ee; ++e) {
+        lo = std::min(lo, p.tid[e]);
+        hi = std::max(hi, p.tid[e]);
+      }
+      partial[t].assign((hi - lo + 1) * width, 0.0);
+      lows[t] = lo;
+      run_tiles<HT, KT, ATT, S>(dims, w, p, n, tb, te, partial[t].data(), lo, width);
+    }
+  }
+  // Merged in thread order, so a given thread count always gives the same sums.
+  float* out = sums_out.data_ptr<float>();
+  for (int t = 0; t < threads; ++t) {
+    const int64_t rows = static_cast<int64_t>(partial[t].size()) / width;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < width; ++j)
+        out[(lows[t] + r) * width + j] += static_cast<float>(partial[t][r * width + j]);
+  }
+}
+
+template <typename S>
+void dispatch(int H, int K, bool att, const Weights& w, const StatePtrs<S>& p, int64_t n, torch::Tensor sums) {
+  if (H == 10 && K == 4) {
+    att ? run_all<10, 4, true, S>(H, K, w, p, n, sums) : run_all<10, 4, false, S>(H, K, w, p, n, sums);
+  } else {
+    att ? run_all<0, 0, true, S>(H, K, w, p, n, sums) : run_all<0, 0, false, S>(H, K, w, p, n, sums);
+  }
+}
+
+void check(const torch::Tensor& t, const char* name, at::ScalarType dtype, int64_t rows, int64_t cols) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), ", expected ", dtype);
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.size(0) == rows, name, " has ", t.size(0), " rows, expected ", rows);
+  if (cols >= 0) TORCH_CHECK(t.dim() == 2 && t.size(1) == cols, name, " must have ", cols, " columns");
+}
+
+}  // namespace
+
+// state: (grad, h_param, momentum, mean_square, beta_in, beta_sc, log_lr); out: the same six state
+// buffers (may be the inputs themselves) then step_d and step_a; weights as `_element_weights`.
+void element_update(std::vector<torch::Tensor> state, torch::Tensor tensor_ids, torch::Tensor table,
+                    std::vector<torch::Tensor> weights, std::vector<torch::Tensor> out, torch::Tensor sums,
+                    bool attention, double keep, double offset, double ms_eps, double eps, double low, double high) {
+  TORCH_CHECK(state.size() == 7 && out.size() == 8 && weights.size() == 6, "element_update: wrong argument counts");
+  const int64_t n = state[0].size(0);
+  const int64_t H = state[1].size(1), K = state[2].size(1), F = 3 * K, O = attention ? 5 : 4;
+  TORCH_CHECK(H <= 64 && K <= 16, "element_update supports param_units <= 64 and num_timescales <= 16");
+  TORCH_CHECK(n > 0, "element_update needs at least one element");
+  const auto sd = state[1].scalar_type();
+  TORCH_CHECK(sd == at::kFloat || sd == at::kBFloat16, "state must be float32 or bfloat16");
+  check(state[0], "grad", at::kFloat, n, -1);
+  check(state[1], "h_param", sd, n, H);
+  check(state[2], "momentum", sd, n, K);
+  check(state[3], "mean_square", sd, n, K);
+  for (int i = 4; i < 7; ++i) check(state[i], "beta_in/beta_sc/log_lr", sd, n, -1);
+  check(out[0], "out h_param", sd, n, H);
+  check(out[1], "out momentum", sd, n, K);
+  check(out[2], "out mean_square", sd, n, K);
+  for (int i = 3; i < 6; ++i) check(out[i], "out beta_in/beta_sc/log_lr", sd, n, -1);
+  check(out[6], "step_d", at::kFloat, n, -1);
+  check(out[7], "step_a", at::kFloat, n, -1);
+  check(tensor_ids, "tensor_ids", at::kLong, n, -1);
+  check(table, "table", at::kFloat, table.size(0), 3 * H + 2);
+  check(weights[0], "w_gates", at::kFloat, F + H, 2 * H);
+  check(weights[1], "b_gates", at::kFloat, 2 * H, -1);
+  check(weights[2], "w_cand", at::kFloat, F + H, H);
+  check(weights[3], "b_cand", at::kFloat, H, -1);
+  check(weights[4], "w_out", at::kFloat, H + K, O);
+  check(weights[5], "b_out", at::kFloat, O, -1);
+  check(sums, "sums", at::kFloat, table.size(0), H + F + 1 + (attention ? 1 : 0));
+
+  Weights w{weights[0].data_ptr<float>(), weights[1].data_ptr<float>(), weights[2].data_ptr<float>(),
+            weights[3].data_ptr<float>(), weights[4].data_ptr<float>(), weights[5].data_ptr<float>(),
+            table.data_ptr<float>(), table.size(1), static_cast<float>(keep), static_cast<float>(offset),
+            static_cast<float>(ms_eps), static_cast<float>(eps), static_cast<float>(low), static_cast<float>(high)};
+  const int64_t* tid = tensor_ids.data_ptr<int64_t>();
+  if (sd == at::kFloat) {
+    StatePtrs<float> p{state[0].data_ptr<float>(),
+                       state[1].data_ptr<float>(), state[2].data_ptr<float>(), state[3].data_ptr<float>(),
+                       state[4].data_ptr<float>(), state[5].data_ptr<float>(), state[6].data_ptr<float>(),
+                       out[0].data_ptr<float>(), out[1].data_ptr<float>(), out[2].data_ptr<float>(),
+                       out[3].data_ptr<float>(), out[4].data_ptr<float>(), out[5].data_ptr<float>(),
+                       out[6].data_ptr<float>(), out[7].data_ptr<float>(), tid};
+    dispatch<float>(H, K, attention, w, p, n, sums);
+  } else {
+    using B = c10::BFloat16;
+    StatePtrs<B> p{state[0].data_ptr<float>(),
+                   state[1].data_ptr<B>(), state[2].data_ptr<B>(), state[3].data_ptr<B>(),
+                   state[4].data_ptr<B>(), state[5].data_ptr<B>(), state[6].data_ptr<B>(),
+                   out[0].data_ptr<B>(), out[1].data_ptr<B>(), out[2].data_ptr<B>(),
+                   out[3].data_ptr<B>(), out[4].data_ptr<B>(), out[5].data_ptr<B>(),
+                   out[6].data_ptr<float>(), out[7].data_ptr<float>(), tid};
+    dispatch<B>(H, K, attention, w, p, n, sums);
+  }
+}
+
+// theta = theta_old - step_d * table[t, 0] - table[t, 2] * theta_old; phi = theta_old - step_a * table[t, 1]
+// (phi = theta without attention). Outputs may alias theta_old.
+void apply_update(torch::Tensor theta_old, torch::Tensor step_d, torch::Tensor step_a, torch::Tensor tensor_ids,
+                  torch::Tensor table, torch::Tensor theta_out, torch::Tensor phi_out, bool attention) {
+  const int64_t n = theta_old.size(0);
+  check(theta_old, "theta_old", at::kFloat, n, -1);
+  check(step_d, "step_d", at::kFloat, n, -1);
+  check(step_a, "step_a", at::kFloat, n, -1);
+  check(tensor_ids, "tensor_ids", at::kLong, n, -1);
+  check(table, "update table", at::kFloat, table.size(0), 3);
+  check(phi_out, "phi_out", at::kFloat, n, -1);
+  if (attention) check(theta_out, "theta_out", at::kFloat, n, -1);
+  const float* th = theta_old.data_ptr<float>();
+  const float* d = step_d.data_ptr<float>();
+  const float* a = step_a.data_ptr<float>();
+  const int64_t* tid = tensor_ids.data_ptr<int64_t>();
+  const float* tab = table.data_ptr<float>();
+  float* to = attention ? theta_out.data_ptr<float>() : nullptr;
+  float* po = phi_out.data_ptr<float>();
+  at::parallel_for(0, n, 1 << 15, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) {
+      const float* r = tab + tid[e] * 3;
+      const float old = th[e];
+      const float theta = old - d[e] * r[0] - r[2] * old;
+      if (attention) {
+        po[e] = old - a[e] * r[1];
+        to[e] = theta;
+      } else {
+        po[e] = theta;
+      }
+    }
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("element_update", &element_update, "Fused element-level part of the hierarchical RNN step (CPU)");
+  m.def("apply_update", &apply_update, "Parameter update with per-tensor normalisers (CPU)");
+}
