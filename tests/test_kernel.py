@@ -125,6 +125,21 @@ def test_kernel_threads_equal(threads: int) -> None:
         PROBLEMS.pop("large")
 
 
+def test_kernel_result_does_not_depend_on_thread_count() -> None:
+    lopt = HierarchicalRNN()
+    PROBLEMS["large"] = ([5000, 3, 20000, 9001], [0, 0, 1, 1])
+    before = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs.append(_run(lopt, "large", 2, "cpp"))
+    finally:
+        torch.set_num_threads(before)
+        PROBLEMS.pop("large")
+    _assert_same(runs[0], runs[1], rtol=0.0, atol=0.0)
+
+
 def test_auto_picks_kernel_only_where_it_applies() -> None:
     lopt = HierarchicalRNN()
     layout = Layout.build([10, 5])

@@ -63,7 +63,7 @@ def _assert_same(a: list, b: list, rtol: float, atol: float) -> None:
 
 
 @pytest.mark.parametrize("attention", [True, False])
-@pytest.mark.parametrize("chunk_size", [1, 37, 100, 1000])
+@pytest.mark.parametrize("chunk_size", [7, 37, 1000])
 def test_chunked_equals_unchunked(attention: bool, chunk_size: int) -> None:
     lopt = HierarchicalRNN(attention=attention).double()
     reference = _run(lopt, 4, torch.float64, chunk_size=0)

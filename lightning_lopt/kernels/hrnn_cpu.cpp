@@ -324,35 +324,37 @@ void run_all(int H, int K, const Weights& w, const StatePtrs<S>& p, int64_t n, t
   const Dims<HT, KT> dims(H, K);
   const int64_t width = sums_out.size(1);
   const int64_t tiles = (n + BL - 1) / BL;
-  // Below a few thousand elements a parallel region costs more than it saves.
-  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles / 256)));
-  std::vector<std::vector<double>> partial(threads);
-  std::vector<int64_t> lows(threads, 0);
-#pragma omp parallel num_threads(threads)
-  {
-    const int t = omp_get_thread_num();
-    const int nt = omp_get_num_threads();
-    const int64_t tb = tiles * t / nt, te = tiles * (t + 1) / nt;
-    if (tb < te) {
-      const int64_t eb = tb * BL, ee = std::min<int64_t>(te * BL, n);
-      int64_t lo = p.tid[eb], hi = p.tid[eb];
-      for (int64_t e = eb; e < ee; ++e) {
-        lo = std::min(lo, p.tid[e]);
-        hi = std::max(hi, p.tid[e]);
-      }
-      partial[t].assign((hi - lo + 1) * width, 0.0);
-      lows[t] = lo;
-      run_tiles<HT, KT, ATT, S>(dims, w, p, n, tb, te, partial[t].data(), lo, width);
+  // Work is handed out in blocks of 256 tiles (4096 elements) on demand, so a thread that the OS
+  // deschedules (other processes on the cores) delays the step by one block, not by its whole
+  // share. Each block keeps its own per-tensor sums, merged in block order afterwards: the result
+  // is the same for every thread count.
+  constexpr int64_t block_tiles = 256;
+  const int64_t blocks = (tiles + block_tiles - 1) / block_tiles;
+  // A single block (under 4096 elements) runs on the calling thread: a parallel region would cost more.
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks)));
+  std::vector<std::vector<double>> partial(blocks);
+  std::vector<int64_t> lows(blocks, 0);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t tb = blk * block_tiles, te = std::min(tiles, tb + block_tiles);
+    const int64_t eb = tb * BL, ee = std::min<int64_t>(te * BL, n);
+    int64_t lo = p.tid[eb], hi = p.tid[eb];
+    for (int64_t e = eb; e < ee; ++e) {
+      lo = std::min(lo, p.tid[e]);
+      hi = std::max(hi, p.tid[e]);
     }
+    partial[blk].assign((hi - lo + 1) * width, 0.0);
+    lows[blk] = lo;
+    run_tiles<HT, KT, ATT, S>(dims, w, p, n, tb, te, partial[blk].data(), lo, width);
   }
-  // Merged in thread order, so a given thread count always gives the same sums.
   float* out = sums_out.data_ptr<float>();
-  for (int t = 0; t < threads; ++t) {
-    const int64_t rows = static_cast<int64_t>(partial[t].size()) / width;
+  std::vector<double> total(sums_out.size(0) * width, 0.0);
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t rows = static_cast<int64_t>(partial[blk].size()) / width;
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t j = 0; j < width; ++j)
-        out[(lows[t] + r) * width + j] += static_cast<float>(partial[t][r * width + j]);
+      for (int64_t j = 0; j < width; ++j) total[(lows[blk] + r) * width + j] += partial[blk][r * width + j];
   }
+  for (int64_t i = 0; i < static_cast<int64_t>(total.size()); ++i) out[i] += static_cast<float>(total[i]);
 }
 
 template <typename S>
