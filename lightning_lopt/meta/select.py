@@ -1,0 +1,53 @@
+"""Score meta-training checkpoints on the validation tasks and print them, best first.
+
+Usage::
+
+    python -m lightning_lopt.meta.select runs/meta_default/checkpoints/*.ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from lightning_lopt.hrnn import HierarchicalRNN
+from lightning_lopt.meta.data import TaskDataModule
+from lightning_lopt.meta.module import MetaTrainingModule
+
+__all__ = ["score_checkpoints", "main"]
+
+
+def score_checkpoints(
+    paths: Sequence[str], num_tasks: int = 6, lengths: Sequence[int] = (200, 1000, 3000), validation_seed: int = 0
+) -> list[tuple[str, float, list[float]]]:
+    """Mean log ratio of final loss to Adam's (lower is better) of each checkpoint on the validation tasks."""
+    seeds = TaskDataModule(num_validation_tasks=num_tasks, validation_seed=validation_seed).validation_seeds()
+    task_lengths = [lengths[i % len(lengths)] for i in range(len(seeds))]
+    module = MetaTrainingModule(validation_lengths=lengths)
+    adam = [module._adam_final_loss(s, n) for s, n in zip(seeds, task_lengths)]
+    results = []
+    for path in paths:
+        module.lopt = HierarchicalRNN.from_pretrained(path)
+        mine = module.learned_final_losses(seeds, task_lengths)
+        ratios = [min(math.log((m + 1e-12) / (a + 1e-12)), 50.0) if math.isfinite(m) else 50.0 for m, a in zip(mine, adam)]
+        results.append((path, sum(ratios) / len(ratios), ratios))
+    return sorted(results, key=lambda r: r[1])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoints", nargs="+")
+    parser.add_argument("--num-tasks", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for path, mean, ratios in score_checkpoints(args.checkpoints, args.num_tasks):
+        print(f"{mean:+.3f}  {path}  " + " ".join(f"{r:+.2f}" for r in ratios), flush=True)
+
+
+if __name__ == "__main__":
+    main()
