@@ -473,8 +473,8 @@ class HierarchicalRNN(nn.Module):
             weight_decay: Decoupled weight decay (scaled by ``lr``): a float or per-tensor ``(T,)``.
             diagnostics: Also return a :class:`StepDiagnostics`.
             chunk_size: Elements per chunk of the element-level part when autograd is off
-                (``None``: :data:`DEFAULT_CHUNK`; ``0``: one chunk). With autograd on, or with
-                ``diagnostics``, the step always runs as one chunk.
+                (``None``: :data:`DEFAULT_CHUNK`; ``0``: one chunk). With autograd on, the step
+                always runs as one chunk.
             compile: Same as ``backend="compiled"`` (kept for compatibility).
             out: Buffers for the new state (may be ``state`` itself, updated in place); only
                 used without autograd. The returned state is then ``out``.
@@ -485,15 +485,15 @@ class HierarchicalRNN(nn.Module):
                 ``torch.compile``), or ``"auto"``: the C++ kernel where it applies and is already
                 built (or the layout has at least :data:`CPP_BUILD_MIN_PARAMS` elements, which
                 makes it worth building), else eager. Where the chosen backend does not apply or fails to build, the step
-                runs eagerly (a failed build or compilation warns once). With autograd on, or
-                with ``diagnostics``, the step is always the eager reference.
+                runs eagerly (a failed build or compilation warns once). With autograd on, the step
+                is always the eager reference.
         """
         dtype = point.dtype
         cst = self._constants()
         hp, t_count = cst.param_units, layout.num_tensors
         tid, pid = layout.tensor_ids, layout.problem_ids
         grad_mode = torch.is_grad_enabled()
-        if grad_mode or diagnostics:
+        if grad_mode:
             chunk_size, out, out_point = 0, None, None
         chunk = layout.numel if not chunk_size else int(chunk_size)
         if backend not in _BACKENDS:
@@ -516,7 +516,7 @@ class HierarchicalRNN(nn.Module):
         # ---- element level: the fused C++ kernel, or chunk by chunk.
         n = layout.numel
         cpp = None
-        wants_cpp = backend in ("auto", "cpp") and not (grad_mode or diagnostics)
+        wants_cpp = backend in ("auto", "cpp") and not grad_mode
         if wants_cpp and _cpp_applies(state, point, grad, out, dtype):
             from lightning_lopt import kernels
 
@@ -530,6 +530,9 @@ class HierarchicalRNN(nn.Module):
             new = _empty_like_state(state)
         else:
             new = None
+        if diagnostics and new is not None:
+            # The fast paths overwrite the state in place: keep what the diagnostics compare against.
+            before = (state.log_lr.to(dtype).clone(), (state.theta if self.attention else point).to(dtype).clone())
         width = hp + self.num_features + 1 + int(cst.attention)
         sums = torch.zeros(t_count, width, dtype=dtype, device=point.device)
         scratch = _Scratch.get(self, n, dtype, point.device) if new is not None else None
@@ -631,7 +634,24 @@ class HierarchicalRNN(nn.Module):
         new.h_tensor.copy_(new_h_tensor)
         new.h_global.copy_(new_h_global)
         new_state = new._replace(theta=theta_new) if self.attention else new
-        return StepOutput(point_new, new_state, None)
+        diag = None
+        if diagnostics:
+            old_log_lr, old_theta = before
+            theta_now = (theta_new if self.attention else point_new).to(dtype)
+            keep = float(weights["keep"])
+            # eta_new = keep * eta + (1 - keep) * eta_step, so the applied (clipped) eta_step follows exactly.
+            log_lr_step = (new.log_lr.to(dtype) - keep * old_log_lr) / (1.0 - keep)
+            diag = StepDiagnostics(
+                beta_in=new.beta_in.to(dtype).clone(),
+                beta_sc=new.beta_sc.to(dtype).clone(),
+                log_step_size=log_lr_step + self.step_offset.detach().to(dtype) + torch.log(lr_t[tid]),
+                update=theta_now - old_theta,
+                attention_offset=point_new.to(dtype) - theta_now,
+                theta=theta_now.clone(),
+                h_tensor=new_h_tensor.detach().clone(),
+                h_global=new_h_global.detach().clone(),
+            )
+        return StepOutput(point_new, new_state, diag)
 
     # ------------------------------------------------------------------ adapters
 
