@@ -105,8 +105,8 @@ class BowlTask(Task):
         return 0.5 * (self.curvature * u * u).sum()
 
 
-class NormTask(Task):
-    """Norm problem ``||W x - y||_p^p`` with ``y = W x*`` (minimum exactly 0).
+class NormTask(QuadraticTask):
+    """Norm problem ``||W x - y||_p^p`` with ``y = W x*`` (minimum exactly 0); data as :class:`QuadraticTask`.
 
     Args:
         dim: Dimension of ``x``.
@@ -117,18 +117,10 @@ class NormTask(Task):
     family = "norm"
 
     def __init__(self, dim: int = 20, p: float = 2.0, seed: int = 0) -> None:
-        if dim < 1 or p <= 0:
-            raise ValueError(f"need dim >= 1 and p > 0, got dim={dim}, p={p}.")
-        self.dim = int(dim)
+        if p <= 0:
+            raise ValueError(f"need p > 0, got p={p}.")
+        super().__init__(dim=dim, seed=seed)
         self.p = float(p)
-        self.seed = int(seed)
-        g = make_generator(seed)
-        self.W = randn((dim, dim), g, std=1.0 / math.sqrt(dim))
-        self.y = self.W @ randn((dim,), g)
-
-    def init_params(self, generator: torch.Generator) -> list[Tensor]:
-        """``x ~ N(0, I)``."""
-        return [randn((self.dim,), generator).to(self.W.device)]
 
     def loss(self, params: Sequence[Tensor], batch: Any = None) -> Tensor:
         """``sum_i |W x - y|_i^p``."""
