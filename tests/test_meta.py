@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -327,3 +328,32 @@ def test_ddp_two_processes_average_meta_gradients(tmp_path):
         assert torch.equal(value, r1["params"][name]), name
         moved = moved or not torch.equal(value, start[name])
     assert moved
+
+
+def test_inner_diagnostics_are_logged_on_schedule(tmp_path):
+    """The inner update rule's internals reach the logger every `inner_diagnostics_interval` meta-steps."""
+    import csv
+
+    module = MetaTrainingModule(
+        tasks=QuadDistribution(), tasks_per_step=2, truncation_length=3, unroll_length_mean=10,
+        unroll_length_min=5, num_unrolls_mean=1, inner_diagnostics_interval=2,
+    )
+    calls = []
+    original = module.lopt.step
+
+    def counting_step(*args, **kwargs):
+        calls.append(bool(kwargs.get("diagnostics")))
+        return original(*args, **kwargs)
+
+    module.lopt.step = counting_step
+    logger = pl.loggers.CSVLogger(tmp_path)
+    trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=logger, log_every_n_steps=1, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, TaskDataModule(tasks_per_step=2))
+    assert sum(calls) == 2 and len(calls) == 12  # meta-steps 0 and 2, first inner step each
+    rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
+    keys = {k for r in rows for k, v in r.items() if v}
+    assert {"lopt/inner/lr/mean", "lopt/inner/global_rnn/unit_00", "lopt/inner/timescale/s0_mean"} <= keys
+    values = {float(r["lopt/inner/lr/mean"]) for r in rows if r.get("lopt/inner/lr/mean")}
+    assert len(values) == 2  # one summary per diagnosed meta-step
+    assert all(math.isfinite(v) and v > 0 for v in values)

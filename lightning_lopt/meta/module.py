@@ -231,6 +231,9 @@ class MetaTrainingModule(pl.LightningModule):
         num_threads: Intra-op CPU threads per process (None: leave torch's setting). The tasks' tensors
             are tiny, so one thread per process avoids thread-pool overhead; run one process per core
             (DDP) to use several cores.
+        inner_diagnostics_interval: Every this many meta-steps, log statistics of the inner update
+            rule's internals (timescales, learning rates, attention, RNN states) under ``lopt/inner/``,
+            the keys of :class:`~lightning_lopt.callbacks.LearnedOptimizerMonitor`; 0 turns it off.
     """
 
     def __init__(
@@ -253,6 +256,7 @@ class MetaTrainingModule(pl.LightningModule):
         validation_lengths: Sequence[int] = (200, 1000, 3000),
         validation_adam_lr: float = 1e-3,
         num_threads: Optional[int] = 1,
+        inner_diagnostics_interval: int = 0,
     ) -> None:
         super().__init__()
         if meta_optimizer not in ("adam", "rmsprop", "sgd"):
@@ -333,7 +337,8 @@ class MetaTrainingModule(pl.LightningModule):
                 self.slots[i] = self.new_slot(seeds[i % len(seeds)])
         hp = self.hparams
         start = time.perf_counter()
-        want_diag = self._diagnostics_requested
+        every = hp.inner_diagnostics_interval
+        want_diag = self._diagnostics_requested or (every > 0 and self.global_step % every == 0)
         meta_loss, history, diag = run_inner(
             self.lopt,
             self.slots,
@@ -344,6 +349,15 @@ class MetaTrainingModule(pl.LightningModule):
         )
         self._diagnostics_requested = False
         self.last_diagnostics = diag
+        if diag is not None and hp.inner_diagnostics_interval > 0:
+            from lightning_lopt.callbacks.monitor import diagnostics_summary
+
+            sizes = [math.prod(shape) for slot in self.slots for shape in slot.shapes]
+            names = [f"task{i}.tensor{j}" for i, slot in enumerate(self.slots) for j in range(len(slot.shapes))]
+            summary = diagnostics_summary(
+                diag, names, sizes, prefix="lopt/inner", num_timescales=self.lopt.num_timescales, per_tensor=False
+            )
+            self.log_dict(summary, batch_size=len(self.slots))
         inner_steps = sum(len(h) for h in history)
         opt = self.optimizers()
         opt.zero_grad()
