@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -43,7 +43,6 @@ class TaskSlot:
     steps_done: int = 0
     last_loss: float = float("nan")
     diverged: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def numel(self) -> int:

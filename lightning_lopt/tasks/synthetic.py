@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_lopt.tasks.base import Task, make_generator, randn, sample_rows, uniform
+from lightning_lopt.tasks.base import Task, make_generator, randn, sample_rows
 
 __all__ = [
     "QuadraticTask",
