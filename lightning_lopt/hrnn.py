@@ -133,6 +133,18 @@ class Layout:
         """Number of tensors ``T``."""
         return len(self.sizes)
 
+    def problem_sum(self, values: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """Sum over each problem's elements of flat ``values`` (shape ``(N,)``) -> ``(P,)``.
+
+        Problems are contiguous runs of the flat vector; a layout of one problem (an optimizer's)
+        needs a single reduction, where a scatter over ``N`` elements would cost several times more.
+        """
+        dtype = dtype or values.dtype
+        if self.num_problems == 1:
+            return values.sum(dtype=dtype).reshape(1)
+        per_tensor = values.new_zeros(self.num_tensors, dtype=dtype).index_add(0, self.tensor_ids, values.to(dtype))
+        return per_tensor.new_zeros(self.num_problems).index_add(0, self.problem_ids, per_tensor)
+
     def tensor_mean(self, values: Tensor) -> Tensor:
         """Mean over each tensor's elements of ``values`` (shape ``(N, ...)``) -> ``(T, ...)``."""
         total = values.new_zeros((self.num_tensors, *values.shape[1:])).index_add(0, self.tensor_ids, values)
@@ -502,9 +514,7 @@ class HierarchicalRNN(nn.Module):
             backend = "compiled"
 
         # ---- prelude (per tensor): problem-mean log lr, injected biases, lr and decay per tensor.
-        log_lr = state.log_lr
-        lr_sum_t = torch.zeros(t_count, dtype=dtype, device=point.device).index_add(0, tid, log_lr.to(dtype))
-        lr_mean_p = lr_sum_t.new_zeros(layout.num_problems).index_add(0, pid, lr_sum_t) / layout.problem_elements.to(dtype)
+        lr_mean_p = layout.problem_sum(state.log_lr, dtype) / layout.problem_elements.to(dtype)
         h_tensor, h_global = state.h_tensor.to(dtype), state.h_global.to(dtype)
         h_global_t = h_global[pid]
         injected_t = self.tensor_to_param(h_tensor) + self.global_to_param(h_global_t)
@@ -1033,8 +1043,8 @@ _BACKENDS = ("auto", "cpp", "eager", "compiled")
 
 
 def _cpp_applies(state: HRNNState, point: Tensor, grad: Tensor, new: Optional[HRNNState], dtype: torch.dtype) -> bool:
-    """Whether the C++ kernel can run this step: CPU, float32 compute, float32 or bfloat16
-    contiguous state buffers of one dtype (else the step runs eagerly)."""
+    """Whether the C++ kernel can run this step: CPU, float32 compute, float32 or bfloat16 state
+    buffers of one dtype, contiguous or (the per-element matrices) feature-major (else eager)."""
     if point.device.type != "cpu" or dtype != torch.float32 or grad.device.type != "cpu":
         return False
     sd = state.h_param.dtype
@@ -1044,7 +1054,8 @@ def _cpp_applies(state: HRNNState, point: Tensor, grad: Tensor, new: Optional[HR
     for st in (state,) if new is None else (state, new):
         for name in fields:
             t = getattr(st, name)
-            if t.dtype != sd or not t.is_contiguous() or t.device.type != "cpu":
+            laid_out = t.is_contiguous() or (t.dim() == 2 and t.stride(0) == 1 and t.t().is_contiguous())
+            if t.dtype != sd or not laid_out or t.device.type != "cpu":
                 return False
     return True
 

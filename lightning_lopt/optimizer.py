@@ -20,6 +20,17 @@ COMPILE_MIN_PARAMS = 1 << 16
 than one compiled chunk's worth of work, and the last, partial chunk always runs eagerly."""
 BACKENDS = ("auto", "cpp", "eager", "compiled")
 _TENSOR_FIELDS = HRNNState._fields
+_MATRIX_FIELDS = ("h_param", "momentum", "mean_square")
+
+
+def _feature_major(st: dict[str, Any]) -> dict[str, Any]:
+    # The (N, H) and (N, K) buffers are kept with each column contiguous: the fused kernel then
+    # reads a tile's column with one vector load instead of a gather (about 10% of the step).
+    for k in _MATRIX_FIELDS:
+        t = st.get(k)
+        if t is not None and t.dim() == 2 and not (t.stride(0) == 1 and t.t().is_contiguous()):
+            st[k] = t.t().contiguous().t()
+    return st
 
 
 def load_weights(weights: Union[str, Path, HierarchicalRNN, None]) -> HierarchicalRNN:
@@ -47,6 +58,13 @@ def load_weights(weights: Union[str, Path, HierarchicalRNN, None]) -> Hierarchic
         )
         return HierarchicalRNN()
     return HierarchicalRNN.from_pretrained(weights)
+
+
+def _all_finite(x: Tensor) -> bool:
+    # One fused min/max pass: NaN propagates into both and an infinity shows in one of them, where
+    # isfinite().all() makes three passes and a mask of the parameters' size.
+    low, high = torch.aminmax(x)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 class HierarchicalRNNOptimizer(Optimizer):
@@ -214,7 +232,7 @@ class HierarchicalRNNOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         st = self.state.get(STATE_KEY)
         if st is not None:
-            st = dict(st)
+            st = _feature_major(dict(st))
             self._training = bool(st.pop("training", True))
             self.state[STATE_KEY] = st
         else:
@@ -231,7 +249,7 @@ class HierarchicalRNNOptimizer(Optimizer):
         if st["theta"] is not None:
             st["theta"] = flat  # fp32 from the parameters themselves: init_state rounds theta to state_dtype
         st.update(step=0, skipped=0, sizes=[p.numel() for p in params])
-        return st
+        return _feature_major(st)
 
     def _extend_state(self, st: dict[str, Any], params: list[Tensor]) -> dict[str, Any]:
         """Give parameters added by ``add_param_group`` (e.g. when fine-tuning unfreezes layers) a fresh state."""
@@ -251,7 +269,7 @@ class HierarchicalRNNOptimizer(Optimizer):
         merged["sizes"] = sizes
         self._layout_cache = {}
         self._point_buffer = None
-        return merged
+        return _feature_major(merged)
 
     @staticmethod
     def _check_grad(p: Tensor) -> None:
@@ -308,7 +326,7 @@ class HierarchicalRNNOptimizer(Optimizer):
             return loss
         act_params = [params[i] for i in active]
         grad = torch.cat([p.grad.reshape(-1).float() for p in act_params])
-        if not bool(torch.isfinite(grad).all()):
+        if not _all_finite(grad):
             st["skipped"] += 1
             if not self._warned_nonfinite:
                 warnings.warn(

@@ -29,7 +29,7 @@ def _clone(state: HRNNState) -> HRNNState:
 
 def _run(
     lopt: HierarchicalRNN, problem: str, steps: int, backend: str, in_place: bool = False,
-    state_dtype: torch.dtype = torch.float32, **kwargs: Any,
+    state_dtype: torch.dtype = torch.float32, feature_major: bool = False, **kwargs: Any,
 ) -> list[tuple[torch.Tensor, HRNNState]]:
     sizes, problems = PROBLEMS[problem]
     layout = Layout.build(sizes, problems)
@@ -38,6 +38,8 @@ def _run(
     state = lopt.init_state(layout, theta=point, generator=torch.Generator().manual_seed(1), dtype=state_dtype)
     if state.theta is not None:
         state = state._replace(theta=point.clone())
+    if feature_major:
+        state = state._replace(**{k: getattr(state, k).t().contiguous().t() for k in ("h_param", "momentum", "mean_square")})
     lr = torch.linspace(0.5, 1.0, layout.num_tensors)
     trajectory = []
     with torch.no_grad():
@@ -69,6 +71,23 @@ def _assert_same(a: list, b: list, rtol: float = 2e-5, atol: float = 2e-5) -> No
 def test_kernel_equals_eager(problem: str, attention: bool) -> None:
     lopt = HierarchicalRNN(attention=attention)
     _assert_same(_run(lopt, problem, 5, "eager", chunk_size=0), _run(lopt, problem, 5, "cpp"))
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("problem", ["tiles", "one", "mixed"])
+def test_kernel_feature_major_state(problem: str, in_place: bool, state_dtype: torch.dtype) -> None:
+    """The optimizer keeps each column of the per-element matrices contiguous; the kernel reads and
+    writes that layout to the same values as the row-major one, and keeps the layout."""
+    lopt = HierarchicalRNN()
+    rows = _run(lopt, problem, 4, "cpp", state_dtype=state_dtype)
+    cols = _run(lopt, problem, 4, "cpp", in_place=in_place, state_dtype=state_dtype, feature_major=True)
+    _assert_same(rows, cols, rtol=0.0, atol=0.0)
+    for name in ("h_param", "momentum", "mean_square"):
+        t = getattr(cols[-1][1], name)
+        assert t.t().is_contiguous() and (t.shape[0] == 1 or t.stride(0) == 1), name
+    if state_dtype == torch.float32:
+        _assert_same(_run(lopt, problem, 4, "eager", chunk_size=0, feature_major=True), cols)
 
 
 @pytest.mark.parametrize("attention", [True, False])

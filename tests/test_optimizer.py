@@ -464,6 +464,42 @@ def test_state_dict_resume_is_bit_identical(lopt, save_in_eval):
     assert opt2.hrnn_state["step"] == 6
 
 
+def _feature_major(t):
+    return t.shape[0] == 1 or (t.stride(0) == 1 and t.t().is_contiguous())
+
+
+def test_state_kept_feature_major_and_row_major_state_loads(lopt):
+    """The per-element matrices are kept column by column (the fused kernel's fast layout) from the first
+    step, after add_param_group and after loading a state saved row-major; the layout changes no value."""
+    model_ref = make_mlp()
+    opt_ref = HierarchicalRNNOptimizer(model_ref.parameters(), weights=lopt)
+    train(model_ref, opt_ref, 6)
+    for key in ("h_param", "momentum", "mean_square"):
+        assert _feature_major(opt_ref.hrnn_state[key]), key
+
+    model = make_mlp()
+    opt = HierarchicalRNNOptimizer(model.parameters(), weights=lopt)
+    train(model, opt, 3)
+    saved = opt.state_dict()
+    row_major = {k: (v.contiguous() if isinstance(v, torch.Tensor) else v) for k, v in saved["state"]["hrnn"].items()}
+    assert not _feature_major(row_major["h_param"])
+    model2 = make_mlp(seed=5)
+    model2.load_state_dict(model.state_dict())
+    opt2 = HierarchicalRNNOptimizer(model2.parameters(), weights=lopt)
+    opt2.load_state_dict(dict(saved, state={"hrnn": row_major}))
+    for key in ("h_param", "momentum", "mean_square"):
+        assert _feature_major(opt2.hrnn_state[key]), key
+    train(model2, opt2, 3)
+    assert torch.equal(flat(model2.parameters()), flat(model_ref.parameters()))
+
+    extra = nn.Parameter(torch.randn(7, 2))
+    opt2.add_param_group({"params": [extra]})
+    extra.grad = torch.randn_like(extra)
+    opt2.step()
+    for key in ("h_param", "momentum", "mean_square"):
+        assert _feature_major(opt2.hrnn_state[key]), key
+
+
 def test_state_dict_holds_only_tensors_and_primitives(lopt):
     """The state dict is made of tensors and Python primitives only (weights_only checkpoints)."""
     model = make_mlp()

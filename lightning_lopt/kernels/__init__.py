@@ -9,6 +9,7 @@ no ninja), :func:`cpu_kernel` warns once and returns None, and the step stays ea
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import platform
 import threading
@@ -43,8 +44,12 @@ def _machine_tag() -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
+@functools.lru_cache(maxsize=None)
 def _name() -> str:
-    return f"lightning_lopt_hrnn_cpu_{_machine_tag()}"
+    # The source and flags are part of the name too: after an upgrade, a build of the old source
+    # must not count as cached (loading would then recompile on a small model's first step).
+    source = hashlib.sha1(_SOURCE.read_bytes() + " ".join(_CFLAGS + _LDFLAGS).encode()).hexdigest()[:8]
+    return f"lightning_lopt_hrnn_cpu_{_machine_tag()}_{source}"
 
 
 def cpu_kernel_cached() -> bool:

@@ -54,11 +54,22 @@ struct Weights {
   float keep, offset, ms_eps, eps, low, high;
 };
 
+// A (rows, cols) state buffer: element (e, c) at ptr[e * rs + c * cs]. Row-major buffers have
+// cs == 1; feature-major ones (the optimizer's: each column contiguous) have rs == 1, which makes
+// a tile's column one vector load instead of a gather.
+template <typename T>
+struct Mat {
+  T* ptr;
+  int64_t rs, cs;
+};
+
 template <typename S>
 struct StatePtrs {
   const float* grad;
-  const S *h, *m, *v, *bi, *bs, *ll;
-  S *oh, *om, *ov, *obi, *obs, *oll;
+  Mat<const S> h, m, v;
+  const S *bi, *bs, *ll;
+  Mat<S> oh, om, ov;
+  S *obi, *obs, *oll;
   float *ud, *ua;
   const int64_t* tid;
 };
@@ -120,13 +131,66 @@ inline void store_cols(float* dst, int stride, int cols, int nb, const float (*s
 #endif
 }
 
-inline float sigmoidf(float x) { return 1.0f / (1.0f + std::exp(-x)); }
-
 template <typename S>
 inline float to_f(S x) { return static_cast<float>(x); }
 
 template <typename S>
 inline S from_f(float x) { return static_cast<S>(x); }
+
+// Columns [0, cols) of rows e0 .. e0+nb of a state buffer into dst[col][lane] (padding lanes 0).
+template <typename S>
+inline void load_tile(const Mat<const S>& a, int64_t e0, int cols, int nb, float (*dst)[16], float* wide) {
+  const S* src = a.ptr + e0 * a.rs;
+  if (a.rs == 1) {  // feature-major: each column of the tile is contiguous
+    for (int c = 0; c < cols; ++c) {
+      const S* col = src + c * a.cs;
+      if constexpr (std::is_same<S, float>::value) {
+#if defined(__AVX512F__)
+        const __mmask16 mk = nb >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << nb) - 1);
+        _mm512_store_ps(dst[c], _mm512_maskz_loadu_ps(mk, col));
+        continue;
+#endif
+      }
+      if (nb == BL) {
+#pragma omp simd
+        for (int b = 0; b < BL; ++b) dst[c][b] = to_f(col[b]);
+      } else {
+        for (int b = 0; b < BL; ++b) dst[c][b] = b < nb ? to_f(col[b]) : 0.0f;
+      }
+    }
+  } else if constexpr (std::is_same<S, float>::value) {
+    load_cols(src, static_cast<int>(a.rs), cols, nb, dst);
+  } else {
+    // Widen the tile's contiguous rows first (a vector loop), then transpose as for float.
+    for (int i = 0; i < nb * cols; ++i) wide[i] = to_f(src[i]);
+    load_cols(wide, cols, cols, nb, dst);
+  }
+}
+
+template <typename S>
+inline void store_tile(const Mat<S>& a, int64_t e0, int cols, int nb, const float (*src)[16], float* wide) {
+  S* dst = a.ptr + e0 * a.rs;
+  if (a.rs == 1) {
+    for (int c = 0; c < cols; ++c) {
+      S* col = dst + c * a.cs;
+      if constexpr (std::is_same<S, float>::value) {
+#if defined(__AVX512F__)
+        const __mmask16 mk = nb >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << nb) - 1);
+        _mm512_mask_storeu_ps(col, mk, _mm512_load_ps(src[c]));
+        continue;
+#endif
+      }
+      for (int b = 0; b < nb; ++b) col[b] = from_f<S>(src[c][b]);
+    }
+  } else if constexpr (std::is_same<S, float>::value) {
+    store_cols(dst, static_cast<int>(a.rs), cols, nb, src);
+  } else {
+    store_cols(wide, cols, cols, nb, src);
+    for (int i = 0; i < nb * cols; ++i) dst[i] = from_f<S>(wide[i]);
+  }
+}
+
+inline float sigmoidf(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
 // One thread's share: tiles [tile_begin, tile_end). Per-tensor sums go into `sums` (doubles,
 // rows tensor_lo ..), accumulated per run of equal tensor ids so that a long tensor costs one
@@ -162,19 +226,9 @@ void run_tiles(const Dims<HT, KT> dims, const Weights& w, const StatePtrs<S>& p,
     const int64_t t_first = p.tid[e0];
     bool uniform = true;
     for (int b = 1; b < nb; ++b) uniform &= p.tid[e0 + b] == t_first;
-    if constexpr (std::is_same<S, float>::value) {
-      load_cols(p.h + e0 * H, H, H, nb, h);
-      load_cols(p.m + e0 * K, K, K, nb, m);
-      load_cols(p.v + e0 * K, K, K, nb, v);
-    } else {
-      // Widen the tile's contiguous rows first (a vector loop), then transpose as for float.
-      for (int i = 0; i < nb * H; ++i) wide[i] = to_f(p.h[e0 * H + i]);
-      load_cols(wide, H, H, nb, h);
-      for (int i = 0; i < nb * K; ++i) wide[i] = to_f(p.m[e0 * K + i]);
-      load_cols(wide, K, K, nb, m);
-      for (int i = 0; i < nb * K; ++i) wide[i] = to_f(p.v[e0 * K + i]);
-      load_cols(wide, K, K, nb, v);
-    }
+    load_tile(p.h, e0, H, nb, h, wide);
+    load_tile(p.m, e0, K, nb, m, wide);
+    load_tile(p.v, e0, K, nb, v, wide);
     for (int b = 0; b < BL; ++b) {
       const bool in = b < nb;
       const int64_t e = e0 + (in ? b : 0);
@@ -265,18 +319,9 @@ void run_tiles(const Dims<HT, KT> dims, const Weights& w, const StatePtrs<S>& p,
     }
 
     // ---- store (after every load of this tile, so outputs may alias inputs)
-    if constexpr (std::is_same<S, float>::value) {
-      store_cols(p.oh + e0 * H, H, H, nb, hn);
-      store_cols(p.om + e0 * K, K, K, nb, m);
-      store_cols(p.ov + e0 * K, K, K, nb, v);
-    } else {
-      store_cols(wide, H, H, nb, hn);
-      for (int i = 0; i < nb * H; ++i) p.oh[e0 * H + i] = from_f<S>(wide[i]);
-      store_cols(wide, K, K, nb, m);
-      for (int i = 0; i < nb * K; ++i) p.om[e0 * K + i] = from_f<S>(wide[i]);
-      store_cols(wide, K, K, nb, v);
-      for (int i = 0; i < nb * K; ++i) p.ov[e0 * K + i] = from_f<S>(wide[i]);
-    }
+    store_tile(p.oh, e0, H, nb, hn, wide);
+    store_tile(p.om, e0, K, nb, m, wide);
+    store_tile(p.ov, e0, K, nb, v, wide);
     for (int b = 0; b < nb; ++b) {
       const int64_t e = e0 + b;
       p.obi[e] = from_f<S>(o_bi[b]);
@@ -366,12 +411,22 @@ void dispatch(int H, int K, bool att, const Weights& w, const StatePtrs<S>& p, i
   }
 }
 
-void check(const torch::Tensor& t, const char* name, at::ScalarType dtype, int64_t rows, int64_t cols) {
+void check(const torch::Tensor& t, const char* name, at::ScalarType dtype, int64_t rows, int64_t cols,
+           bool any_major = false) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
   TORCH_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), ", expected ", dtype);
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
   TORCH_CHECK(t.size(0) == rows, name, " has ", t.size(0), " rows, expected ", rows);
   if (cols >= 0) TORCH_CHECK(t.dim() == 2 && t.size(1) == cols, name, " must have ", cols, " columns");
+  const bool feature_major = any_major && t.dim() == 2 && t.stride(0) == 1 && t.t().is_contiguous();
+  TORCH_CHECK(t.is_contiguous() || feature_major, name,
+              any_major ? " must be contiguous or feature-major (its transpose contiguous)" : " must be contiguous");
+}
+
+template <typename T>
+Mat<T> mat(const torch::Tensor& t) {
+  // A contiguous buffer is read row by row even where its strides would also allow columns (one row).
+  if (t.is_contiguous()) return Mat<T>{static_cast<T*>(t.data_ptr()), t.size(1), 1};
+  return Mat<T>{static_cast<T*>(t.data_ptr()), 1, t.stride(1)};
 }
 
 }  // namespace
@@ -389,13 +444,13 @@ void element_update(std::vector<torch::Tensor> state, torch::Tensor tensor_ids, 
   const auto sd = state[1].scalar_type();
   TORCH_CHECK(sd == at::kFloat || sd == at::kBFloat16, "state must be float32 or bfloat16");
   check(state[0], "grad", at::kFloat, n, -1);
-  check(state[1], "h_param", sd, n, H);
-  check(state[2], "momentum", sd, n, K);
-  check(state[3], "mean_square", sd, n, K);
+  check(state[1], "h_param", sd, n, H, true);
+  check(state[2], "momentum", sd, n, K, true);
+  check(state[3], "mean_square", sd, n, K, true);
   for (int i = 4; i < 7; ++i) check(state[i], "beta_in/beta_sc/log_lr", sd, n, -1);
-  check(out[0], "out h_param", sd, n, H);
-  check(out[1], "out momentum", sd, n, K);
-  check(out[2], "out mean_square", sd, n, K);
+  check(out[0], "out h_param", sd, n, H, true);
+  check(out[1], "out momentum", sd, n, K, true);
+  check(out[2], "out mean_square", sd, n, K, true);
   for (int i = 3; i < 6; ++i) check(out[i], "out beta_in/beta_sc/log_lr", sd, n, -1);
   check(out[6], "step_d", at::kFloat, n, -1);
   check(out[7], "step_a", at::kFloat, n, -1);
@@ -416,18 +471,18 @@ void element_update(std::vector<torch::Tensor> state, torch::Tensor tensor_ids, 
   const int64_t* tid = tensor_ids.data_ptr<int64_t>();
   if (sd == at::kFloat) {
     StatePtrs<float> p{state[0].data_ptr<float>(),
-                       state[1].data_ptr<float>(), state[2].data_ptr<float>(), state[3].data_ptr<float>(),
+                       mat<const float>(state[1]), mat<const float>(state[2]), mat<const float>(state[3]),
                        state[4].data_ptr<float>(), state[5].data_ptr<float>(), state[6].data_ptr<float>(),
-                       out[0].data_ptr<float>(), out[1].data_ptr<float>(), out[2].data_ptr<float>(),
+                       mat<float>(out[0]), mat<float>(out[1]), mat<float>(out[2]),
                        out[3].data_ptr<float>(), out[4].data_ptr<float>(), out[5].data_ptr<float>(),
                        out[6].data_ptr<float>(), out[7].data_ptr<float>(), tid};
     dispatch<float>(H, K, attention, w, p, n, sums);
   } else {
     using B = c10::BFloat16;
     StatePtrs<B> p{state[0].data_ptr<float>(),
-                   state[1].data_ptr<B>(), state[2].data_ptr<B>(), state[3].data_ptr<B>(),
+                   mat<const B>(state[1]), mat<const B>(state[2]), mat<const B>(state[3]),
                    state[4].data_ptr<B>(), state[5].data_ptr<B>(), state[6].data_ptr<B>(),
-                   out[0].data_ptr<B>(), out[1].data_ptr<B>(), out[2].data_ptr<B>(),
+                   mat<B>(out[0]), mat<B>(out[1]), mat<B>(out[2]),
                    out[3].data_ptr<B>(), out[4].data_ptr<B>(), out[5].data_ptr<B>(),
                    out[6].data_ptr<float>(), out[7].data_ptr<float>(), tid};
     dispatch<B>(H, K, attention, w, p, n, sums);
