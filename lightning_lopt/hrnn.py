@@ -427,7 +427,29 @@ class HierarchicalRNN(nn.Module):
         return _Constants(self.param_units, self.num_timescales, self.attention, self.ms_epsilon, self.epsilon, low, high)
 
     def _element_weights(self, dtype: torch.dtype) -> dict[str, Tensor]:
-        """The meta-parameters the element-level part reads, packed (differentiably) for it."""
+        """The meta-parameters the element-level part reads, packed (differentiably) for it.
+
+        Without autograd the packed tensors are kept until a meta-parameter changes (tracked by
+        the tensors' version counters, which every in-place update bumps): on a small model,
+        packing them anew was a tenth of the step.
+        """
+        if torch.is_grad_enabled():
+            return self._pack_element_weights(dtype)
+        # data_ptr: module.to() and load_state_dict(assign=True) swap storage without a version bump.
+        cell = self.param_rnn
+        read = [self.w_direction, self.w_log_lr, self.w_beta_sc, self.w_beta_in, self.shortcut_direction,
+                self.b_log_lr, self.b_beta_sc, self.b_beta_in, cell.weight_gates, cell.bias_gates,
+                cell.weight_candidate, cell.bias_candidate, self.lr_smoothing, self.step_offset]
+        if self.attention:
+            read += [self.w_attention, self.shortcut_attention]
+        key = (dtype, tuple((id(p), p._version, p.data_ptr()) for p in read))
+        cached = self.__dict__.get("_packed_weights")
+        if cached is None or cached[0] != key:
+            cached = (key, self._pack_element_weights(dtype))
+            self.__dict__["_packed_weights"] = cached
+        return cached[1]
+
+    def _pack_element_weights(self, dtype: torch.dtype) -> dict[str, Tensor]:
         k = self.num_timescales
         heads = [self.w_direction, self.w_log_lr, self.w_beta_sc, self.w_beta_in]
         shortcuts = [self.shortcut_direction] + [torch.zeros_like(self.shortcut_direction)] * 3

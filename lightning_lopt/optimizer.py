@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -64,7 +65,7 @@ def _all_finite(x: Tensor) -> bool:
     # One fused min/max pass: NaN propagates into both and an infinity shows in one of them, where
     # isfinite().all() makes three passes and a mask of the parameters' size.
     low, high = torch.aminmax(x)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
+    return math.isfinite(low.item()) and math.isfinite(high.item())
 
 
 class HierarchicalRNNOptimizer(Optimizer):
@@ -136,6 +137,7 @@ class HierarchicalRNNOptimizer(Optimizer):
         self.backend = backend
         self.chunk_size = int(chunk_size)
         self._point_buffer: Optional[Tensor] = None
+        self._hyper_cache: Optional[tuple[Any, Tensor, Tensor]] = None
 
     # ------------------------------------------------------------------ public helpers
 
@@ -271,6 +273,16 @@ class HierarchicalRNNOptimizer(Optimizer):
         self._point_buffer = None
         return _feature_major(merged)
 
+    def _per_tensor_hyperparameters(self, active: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
+        # Made anew only when a group's lr or weight decay changes (a scheduler) or the active set does.
+        values = [(float(g["lr"]), float(g["weight_decay"])) for g in self.param_groups for _ in g["params"]]
+        key = (tuple(values[i] for i in active), device)
+        if self._hyper_cache is None or self._hyper_cache[0] != key:
+            lr = torch.tensor([v[0] for v in key[0]], dtype=torch.float32, device=device)
+            wd = torch.tensor([v[1] for v in key[0]], dtype=torch.float32, device=device)
+            self._hyper_cache = (key, lr, wd)
+        return self._hyper_cache[1], self._hyper_cache[2]
+
     @staticmethod
     def _check_grad(p: Tensor) -> None:
         g = p.grad
@@ -339,9 +351,7 @@ class HierarchicalRNNOptimizer(Optimizer):
             self._diagnostics_requested = False
             return loss
 
-        group_of = [gi for gi, group in enumerate(self.param_groups) for _ in group["params"]]
-        lr = torch.tensor([self.param_groups[group_of[i]]["lr"] for i in active], device=device)
-        wd = torch.tensor([self.param_groups[group_of[i]]["weight_decay"] for i in active], device=device)
+        lr, wd = self._per_tensor_hyperparameters(active, device)
         point = torch.cat([p.detach().reshape(-1).float() for p in act_params])
 
         full = len(active) == len(params)

@@ -784,3 +784,30 @@ def test_from_pretrained_unknown_name_lists_available():
     assert "no_such_name" in str(info.value)
     with pytest.raises(FileNotFoundError):
         HierarchicalRNN.from_pretrained("/nonexistent/dir/w.safetensors")
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp"])
+def test_step_follows_in_place_changes_of_the_weights(backend):
+    """Without autograd the packed meta-parameters are reused between steps; an in-place change of a
+    weight (a meta-optimizer step, load_state_dict) must still take effect on the next step."""
+    import copy
+
+    lopt = HierarchicalRNN()
+    layout = Layout.build([30, 7])
+    point = torch.randn(layout.numel, generator=torch.Generator().manual_seed(0))
+    grad = torch.randn(layout.numel, generator=torch.Generator().manual_seed(1))
+    state = lopt.init_state(layout, theta=point, generator=torch.Generator().manual_seed(2))
+
+    def run(module):
+        with torch.no_grad():
+            return module.step(state, point, grad, layout, backend=backend).point
+
+    before = run(lopt)
+    with torch.no_grad():
+        lopt.w_direction.add_(0.5)
+        lopt.param_rnn.weight_gates.mul_(1.5)
+    after = run(lopt)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, run(copy.deepcopy(lopt)), rtol=0, atol=0)
+    lopt.load_state_dict(HierarchicalRNN().state_dict())
+    torch.testing.assert_close(run(lopt), before, rtol=0, atol=0)
