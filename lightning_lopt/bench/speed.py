@@ -2,23 +2,27 @@
 
 Run ``python -m lightning_lopt.bench.speed`` (``--help`` for options). It prints markdown tables:
 
-* the optimizer step time (median after warm-up), optimizer-state bytes per parameter and the
-  step's transient peak memory for :class:`~lightning_lopt.HierarchicalRNNOptimizer` and
-  ``torch.optim.Adam`` (``foreach`` and ``fused``), at several parameter counts, for a realistic
-  mix of tensor shapes and for one big tensor;
+* the optimizer step time (median), optimizer-state bytes per parameter and the step's transient
+  peak memory (resident-set growth during one step) for
+  :class:`~lightning_lopt.HierarchicalRNNOptimizer` and ``torch.optim.Adam`` (``foreach`` and
+  ``fused``), at 1e5, 1e6 and 1e7 parameters, for a realistic mix of tensor shapes and for one big
+  tensor;
 * the step's achieved GFLOP/s, counting the parameter-level GRU and read-outs (the FLOP count per
-  parameter is derived from the architecture and printed), against this machine's fp32
-  matrix-multiply peak measured in the same run;
-* with ``--kernel-times``, the C++ kernel's cold build and warm load times;
+  parameter is derived from the architecture and printed), as a fraction of this machine's fp32
+  matrix-multiply throughput measured in the same run, round by round (see :func:`time_steps`);
+* the MNIST-1D example's whole training step with this optimizer against Adam;
 * the meta-training throughput: inner steps per second of the differentiable step, with the
-  backward pass through an unroll, on a batch of small problems held in one layout.
+  backward pass through an unroll, on a batch of small problems held in one layout;
+* with ``--kernel-times``, the C++ kernel's cold build and warm load times.
 
-Timings on a shared machine are noisy; every figure is a median over repeats.
+Timings on a shared machine are noisy; every figure is a median over interleaved repeats.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import inspect
 import math
 import os
@@ -95,13 +99,45 @@ def _memory_kib() -> tuple[int, int]:
     return (int(hwm.group(1)) if hwm else 0), (int(rss.group(1)) if rss else 0)
 
 
+_M_MMAP_THRESHOLD = -3  # mallopt parameter of glibc
+
+
+def _mallopt_mmap_threshold(nbytes: int) -> None:
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, nbytes)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak_memory() -> None:
     # Writing 5 to clear_refs resets VmHWM (Linux >= 4.0), so one process can measure many peaks.
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         pass
+
+
+def step_peak_mib(opt: torch.optim.Optimizer) -> float:
+    """Growth of the resident set during one ``opt.step()``, in MiB (Linux and glibc; else 0).
+
+    The kernel raises VmHWM when memory is unmapped, not when heap memory is freed, so for this
+    one step every allocation from 128 KiB up is served by its own mapping; afterwards the
+    threshold returns to 32 MiB, glibc's ceiling when it adapts it by itself.
+    """
+    _mallopt_mmap_threshold(128 * 1024)
+    try:
+        _reset_peak_memory()
+        _, rss_before = _memory_kib()
+        opt.step()
+        peak, _ = _memory_kib()
+    finally:
+        _mallopt_mmap_threshold(32 * 1024 * 1024)
+    return max(0, peak - rss_before) / 1024
 
 
 def _state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -138,6 +174,9 @@ class StepResult:
     first_step_s: float
     state_bytes_per_param: float
     peak_mib: float
+    gflops: Optional[float] = None
+    fraction_of_peak: Optional[float] = None
+    matmul_gflops: Optional[float] = None
 
 
 def _accepts(cls: type, name: str) -> bool:
@@ -184,46 +223,120 @@ def optimizer_factories(compile_modes: Sequence[str]) -> list[tuple[str, Callabl
     return [(name, make) for name, make in rows if make is not None]
 
 
-def time_step(
-    name: str,
-    make: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
+def time_steps(
+    factories: Sequence[tuple[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]]],
     shapes: Sequence[tuple[int, ...]],
     case: str,
     warmup: int,
-    repeats: int,
+    rounds: int,
+    flops_per_param: int,
+    matmul_size: int = 2048,
     seed: int = 0,
-) -> StepResult:
-    """Median time of ``optimizer.step()`` on fixed random gradients, after ``warmup`` steps."""
+) -> list[StepResult]:
+    """Step times of several optimizers on the same shapes, measured in interleaved rounds.
+
+    Each optimizer gets its own copy of the parameters and fixed random gradients. After the
+    first (timed) step and ``warmup`` more, the step's transient memory is measured one optimizer
+    at a time. Then every round times one ``matmul_size``-cubed fp32 ``torch.mm`` and one step of
+    each optimizer, in an order that alternates between rounds. On a shared machine the speed
+    drifts by tens of percent within a minute; pairing each step with a matrix product taken
+    moments apart makes the fraction of peak (the median over rounds of the step's GFLOP/s over
+    that round's matmul GFLOP/s) a property of the step, not of the machine's load.
+    """
     gen = torch.Generator().manual_seed(seed)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in shapes]
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
-    numel = sum(p.numel() for p in params)
-    opt = make(params)
-    t0 = time.perf_counter()
-    opt.step()
-    first = time.perf_counter() - t0
-    for _ in range(max(0, warmup - 1)):
-        opt.step()
-    _, rss_before = _memory_kib()
-    _reset_peak_memory()
-    times = []
-    for _ in range(repeats):
+    values = [torch.randn(s, generator=gen) * 0.1 for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    numel = sum(v.numel() for v in values)
+    runs = []
+    for name, make in factories:
+        params = [torch.nn.Parameter(v.clone()) for v in values]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt = make(params)
         t0 = time.perf_counter()
         opt.step()
-        times.append(time.perf_counter() - t0)
-    peak, _ = _memory_kib()
-    result = StepResult(
-        name=name,
-        case=case,
-        numel=numel,
-        num_tensors=len(params),
-        step_ms=1e3 * statistics.median(times),
-        first_step_s=first,
-        state_bytes_per_param=_state_bytes(opt) / numel,
-        peak_mib=max(0, peak - rss_before) / 1024,
-    )
-    del opt, params
+        first = time.perf_counter() - t0
+        for _ in range(max(0, warmup - 1)):
+            opt.step()
+        runs.append((name, opt, params, first, step_peak_mib(opt)))
+
+    a = torch.randn(matmul_size, matmul_size, generator=gen)
+    b = torch.randn(matmul_size, matmul_size, generator=gen)
+    torch.mm(a, b)
+    times: list[list[float]] = [[] for _ in runs]
+    mm_gflops: list[float] = []
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        mm_gflops.append(2 * matmul_size**3 / (time.perf_counter() - t0) / 1e9)
+        order = range(len(runs)) if r % 2 == 0 else reversed(range(len(runs)))
+        for i in order:
+            t0 = time.perf_counter()
+            runs[i][1].step()
+            times[i].append(time.perf_counter() - t0)
+
+    results = []
+    for (name, opt, params, first, peak_mib), ts in zip(runs, times):
+        res = StepResult(
+            name=name,
+            case=case,
+            numel=numel,
+            num_tensors=len(params),
+            step_ms=1e3 * statistics.median(ts),
+            first_step_s=first,
+            state_bytes_per_param=_state_bytes(opt) / numel,
+            peak_mib=peak_mib,
+            matmul_gflops=statistics.median(mm_gflops),
+        )
+        if name.startswith("HRNN"):
+            res.gflops = flops_per_param * numel / statistics.median(ts) / 1e9
+            res.fraction_of_peak = statistics.median(
+                flops_per_param * numel / t / 1e9 / g for t, g in zip(ts, mm_gflops)
+            )
+        results.append(res)
+    return results
+
+
+def mnist1d_training_step(rounds: int = 300, threads: int = 1, seed: int = 0) -> dict[str, float]:
+    """Milliseconds per training step (zero_grad, forward, backward, step) of the MNIST-1D example.
+
+    The model and batch are those of ``configs/mnist1d_hrnn.yaml`` (MLP 40-100-100-10, batch 128,
+    one thread); the learned optimizer with its shipped weights against ``torch.optim.Adam`` at its
+    defaults, as ``configs/mnist1d_adam.yaml`` uses it, timed in alternation.
+    """
+    from lightning_lopt.models import MLPClassifier
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(128, 40, generator=gen)
+        y = torch.randint(0, 10, (128,), generator=gen)
+        runs = {}
+        for name in ("HRNN", "Adam"):
+            torch.manual_seed(seed)
+            model = MLPClassifier(input_dim=40, hidden_dims=[100, 100], num_classes=10)
+            opt = HierarchicalRNNOptimizer(model.parameters()) if name == "HRNN" else torch.optim.Adam(model.parameters())
+            runs[name] = (model, opt)
+
+        def step(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        for model, opt in runs.values():
+            for _ in range(10):
+                step(model, opt)
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for r in range(rounds):
+            for name in (runs if r % 2 == 0 else reversed(list(runs))):
+                t0 = time.perf_counter()
+                step(*runs[name])
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    result = {f"{name} ms": 1e3 * statistics.median(ts) for name, ts in times.items()}
+    result["ratio"] = statistics.median(a / b for a, b in zip(times["HRNN"], times["Adam"]))
     return result
 
 
@@ -342,8 +455,7 @@ def _parse_sizes(text: str) -> list[int]:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Run the benchmark and print markdown tables."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="1e4,1e5,1e6", help="comma-separated parameter counts (default %(default)s)")
-    parser.add_argument("--big", action="store_true", help="also run 1e7 parameters")
+    parser.add_argument("--sizes", default="1e5,1e6,1e7", help="comma-separated parameter counts (default %(default)s)")
     parser.add_argument("--cases", default="mixed,single", help="mixed (transformer-like shapes) and/or single (one tensor)")
     parser.add_argument(
         "--modes",
@@ -351,9 +463,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         help="HRNN variants: default (the optimizer's own choice, fp32 and bf16 state), cpp (the C++ kernel, "
         "fp32 and bf16 state), eager, compiled, unchunked",
     )
-    parser.add_argument("--repeats", type=int, default=0, help="timed steps per row (default: by size)")
+    parser.add_argument("--repeats", type=int, default=0, help="timed rounds per size (default: by size)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default %(default)s)")
     parser.add_argument("--no-meta", action="store_true", help="skip the meta-training throughput")
+    parser.add_argument("--no-mnist1d", action="store_true", help="skip the MNIST-1D training-step comparison")
     parser.add_argument("--compile-times", action="store_true", help="measure cold and warm compile start-up")
     parser.add_argument(
         "--kernel-times", action="store_true", help="measure the C++ kernel's cold build and warm load in fresh processes"
@@ -364,7 +477,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     warnings.filterwarnings("ignore", message=".*untrained initialisation.*")
     if args.threads:
         torch.set_num_threads(args.threads)
-    sizes = _parse_sizes(args.sizes) + ([10_000_000] if args.big else [])
+    sizes = _parse_sizes(args.sizes)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     lopt = HierarchicalRNN()
     fpp = flops_per_parameter(lopt)
@@ -375,32 +488,57 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         f"and read-outs): {fpp}"
     )
     print(f"fp32 matmul peak (2048^3 torch.mm, best of 7): {peak:.1f} GFLOP/s")
+    print(
+        "% of peak: median over interleaved rounds of (step GFLOP/s) / (2048^3 torch.mm GFLOP/s timed in the same round)"
+    )
     print()
 
+    modes = [m.strip() for m in args.modes.split(",")]
     results: list[StepResult] = []
     for n in sizes:
+        # The eager and compiled references take seconds per step from 1e7 parameters; they are
+        # measured up to 1e6.
+        factories = [
+            (name, make) for name, make in optimizer_factories(modes)
+            if n <= 1_000_000 or not any(w in name for w in ("eager", "compiled"))
+        ]
         for case in cases:
             shapes = mixed_shapes(n) if case == "mixed" else [(n,)]
-            repeats = args.repeats or (20 if n <= 1e5 else 7 if n <= 1e6 else 3)
-            for name, make in optimizer_factories([m.strip() for m in args.modes.split(",")]):
-                res = time_step(name, make, shapes, case, args.warmup, repeats)
-                results.append(res)
-                print(f"  {case} N={res.numel} {name}: {res.step_ms:.2f} ms", file=sys.stderr, flush=True)
+            rounds = args.repeats or (15 if n <= 1e5 else 9 if n <= 1e6 else 5)
+            rows = time_steps(factories, shapes, case, args.warmup, rounds, fpp)
+            for res in rows:
+                print(f"  {case} N={res.numel} {res.name}: {res.step_ms:.2f} ms", file=sys.stderr, flush=True)
+            results += rows
+            del rows
+            gc.collect()
 
     print("| params | case | tensors | optimizer | step ms | vs Adam foreach | GFLOP/s | % of peak | state B/param | step peak MiB | first step s |")
     print("| ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for res in results:
         adam = next(r for r in results if r.name == "Adam foreach" and r.numel == res.numel and r.case == res.case)
-        if res.name.startswith("HRNN"):
-            gflops = fpp * res.numel / (res.step_ms * 1e-3) / 1e9
-            gf, pct = f"{gflops:.1f}", f"{100 * gflops / peak:.1f}%"
-        else:
-            gf = pct = "-"
+        gf = "-" if res.gflops is None else f"{res.gflops:.1f}"
+        pct = "-" if res.fraction_of_peak is None else f"{100 * res.fraction_of_peak:.1f}%"
         print(
             f"| {res.numel:.0e} | {res.case} | {res.num_tensors} | {res.name} | {res.step_ms:.2f} | "
             f"{res.step_ms / adam.step_ms:.1f}x | {gf} | {pct} | {res.state_bytes_per_param:.1f} | "
             f"{res.peak_mib:.1f} | {res.first_step_s:.2f} |"
         )
+
+    print()
+    print("| params | case | matmul GFLOP/s during the rounds (median) |")
+    print("| ---: | --- | ---: |")
+    for res in results:
+        if res.name == "Adam foreach":
+            print(f"| {res.numel:.0e} | {res.case} | {res.matmul_gflops:.1f} |")
+
+    if not args.no_mnist1d:
+        print()
+        e2e = mnist1d_training_step()
+        print("| MNIST-1D example training step (MLP 40-100-100-10, batch 128, 1 thread) | ms |")
+        print("| --- | ---: |")
+        print(f"| Adam (torch defaults, as configs/mnist1d_adam.yaml) | {e2e['Adam ms']:.3f} |")
+        print(f"| HierarchicalRNNOptimizer (shipped weights) | {e2e['HRNN ms']:.3f} |")
+        print(f"| ratio (median over alternating steps) | {e2e['ratio']:.2f}x |")
 
     if not args.no_meta:
         print()
