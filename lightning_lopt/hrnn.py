@@ -537,9 +537,12 @@ class HierarchicalRNN(nn.Module):
 
         # ---- prelude (per tensor): problem-mean log lr, injected biases, lr and decay per tensor.
         lr_mean_p = layout.problem_sum(state.log_lr, dtype) / layout.problem_elements.to(dtype)
-        h_tensor, h_global = state.h_tensor.to(dtype), state.h_global.to(dtype)
+        # The tensor and global RNNs run in the meta-parameters' precision; the element level in
+        # the point's (float64 parameters keep float64 updates).
+        rnn_dtype = self.h0_tensor.dtype
+        h_tensor, h_global = state.h_tensor.to(rnn_dtype), state.h_global.to(rnn_dtype)
         h_global_t = h_global[pid]
-        injected_t = self.tensor_to_param(h_tensor) + self.global_to_param(h_global_t)
+        injected_t = (self.tensor_to_param(h_tensor) + self.global_to_param(h_global_t)).to(dtype)
         lr_t = torch.as_tensor(lr, dtype=dtype, device=point.device).expand(t_count)
         wd_t = torch.as_tensor(weight_decay, dtype=dtype, device=point.device).expand(t_count)
         table = torch.cat([injected_t, lr_mean_p[pid].unsqueeze(1), lr_t.unsqueeze(1)], 1)
@@ -606,9 +609,9 @@ class HierarchicalRNN(nn.Module):
         rs_d = torch.rsqrt(means[:, -1 - int(cst.attention)] + self.epsilon)
         rs_a = torch.rsqrt(means[:, -1] + self.epsilon) if cst.attention else rs_d
         tensor_in = means[:, : hp + self.num_features]
-        new_h_tensor = self.tensor_rnn(tensor_in, h_tensor, self.global_to_tensor(h_global_t))
+        new_h_tensor = self.tensor_rnn(tensor_in.to(rnn_dtype), h_tensor, self.global_to_tensor(h_global_t))
         global_in = new_h_tensor.new_zeros(layout.num_problems, new_h_tensor.shape[-1]).index_add(0, pid, new_h_tensor)
-        global_in = global_in / layout.problem_tensors.to(dtype).unsqueeze(-1)
+        global_in = global_in / layout.problem_tensors.to(rnn_dtype).unsqueeze(-1)
         new_h_global = self.global_rnn(global_in, h_global)
         update_table = torch.stack([rs_d, rs_a, lr_t * wd_t], 1)
 

@@ -61,6 +61,12 @@ def load_weights(weights: Union[str, Path, HierarchicalRNN, None]) -> Hierarchic
     return HierarchicalRNN.from_pretrained(weights)
 
 
+def _compute_dtype(params: list[Tensor]) -> torch.dtype:
+    # float64 parameters are stepped in float64 (eagerly: the fused kernel is float32); everything
+    # else, half precision included, in float32.
+    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+
 def _all_finite(x: Tensor) -> bool:
     # One fused min/max pass: NaN propagates into both and an infinity shows in one of them, where
     # isfinite().all() makes three passes and a mask of the parameters' size.
@@ -86,7 +92,8 @@ class HierarchicalRNNOptimizer(Optimizer):
         weight_decay: Decoupled weight decay; each step shrinks parameters by ``lr * weight_decay``.
         seed: Seed of the random initial per-element learning rates in the state.
         state_dtype: Floating point type of the state buffers (``torch.bfloat16`` halves them);
-            the true parameters kept with attention stay float32.
+            the true parameters kept with attention stay in the compute precision: float64 when
+            any parameter is float64 (then the step runs eagerly in float64), else float32.
         compile: Kept for compatibility: ``True`` means ``backend="compiled"``, ``False`` means
             ``backend="eager"``, ``None`` leaves ``backend`` in charge.
         chunk_size: Elements per chunk of the step's eager element-level part (``0``: one chunk).
@@ -244,12 +251,12 @@ class HierarchicalRNNOptimizer(Optimizer):
 
     def _init_state(self, params: list[Tensor]) -> dict[str, Any]:
         layout = self.layout(params)
-        flat = torch.cat([p.detach().reshape(-1).float() for p in params])
+        flat = torch.cat([p.detach().reshape(-1).to(_compute_dtype(params)) for p in params])
         gen = torch.Generator().manual_seed(self.seed)
         hrnn = self.lopt.init_state(layout, theta=flat, generator=gen, dtype=self.state_dtype)
         st: dict[str, Any] = {k: getattr(hrnn, k) for k in _TENSOR_FIELDS}
         if st["theta"] is not None:
-            st["theta"] = flat  # fp32 from the parameters themselves: init_state rounds theta to state_dtype
+            st["theta"] = flat  # from the parameters themselves: init_state rounds theta to state_dtype
         st.update(step=0, skipped=0, sizes=[p.numel() for p in params])
         return _feature_major(st)
 
@@ -337,7 +344,8 @@ class HierarchicalRNNOptimizer(Optimizer):
         if not active:
             return loss
         act_params = [params[i] for i in active]
-        grad = torch.cat([p.grad.reshape(-1).float() for p in act_params])
+        dtype = _compute_dtype(params)
+        grad = torch.cat([p.grad.reshape(-1).to(dtype) for p in act_params])
         if not _all_finite(grad):
             st["skipped"] += 1
             if not self._warned_nonfinite:
@@ -352,7 +360,7 @@ class HierarchicalRNNOptimizer(Optimizer):
             return loss
 
         lr, wd = self._per_tensor_hyperparameters(active, device)
-        point = torch.cat([p.detach().reshape(-1).float() for p in act_params])
+        point = torch.cat([p.detach().reshape(-1).to(dtype) for p in act_params])
 
         full = len(active) == len(params)
         state = HRNNState(*(st[k] for k in _TENSOR_FIELDS))

@@ -203,6 +203,35 @@ def test_benchmark_writes_markdown_json_and_pngs(tmp_path: Path) -> None:
     assert again["tasks"]["d"]["summaries"].keys() == results["tasks"]["d"]["summaries"].keys()
 
 
+def test_bf16_state_variant_runs_in_bfloat16_and_is_reported(tmp_path: Path) -> None:
+    assert q.build_parser().parse_args(["--bf16-state"]).bf16_state
+    sweeps = {"adam": (1e-3,), "rmsprop": (1e-3,), "sgd": (1e-2,)}
+    results = q.run_benchmark(
+        ["f"], tmp_path, seeds=2, steps_scale=0.02, bf16_state=True, show_progress=False,
+        task_overrides={"f": TINY["f"]}, sweeps=sweeps, eval_points=5,
+    )  # fmt: skip
+    bf16_key = q.OptimizerConfig("learned", 1.0, q.BF16_STATE).key
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["bf16_state"]["variant"] == q.BF16_STATE and data["bf16_state"]["optimizer"] == bf16_key
+    f = data["tasks"]["f"]
+    bf16, fp32 = f["summaries"][bf16_key], f["summaries"][f["analysis"]["learned"]]
+    assert bf16["variant"] == q.BF16_STATE and bf16["seeds"] == fp32["seeds"] == [0, 1]
+    assert math.isfinite(bf16["final_loss"]["mean"]) and math.isfinite(bf16["final_loss"]["std"])
+    ratio = f["analysis"]["ratio_bf16_state_to_learned"]
+    assert ratio == pytest.approx(bf16["final_loss"]["mean"] / fp32["final_loss"]["mean"])
+    # The records read the dtype off the optimizer's state buffers: an ignored flag leaves float32 here.
+    dtypes = {(r["variant"], r["state_dtype"]) for r in data["runs"] if r["kind"] == "learned"}
+    assert dtypes == {("default", "float32"), (q.BF16_STATE, "bfloat16")}
+    assert (tmp_path / "runs" / "noisy_quadratic" / "learned-bf16_state_lr1_seed1.json").exists()  # cached
+    md = (tmp_path / "results.md").read_text()
+    section = md.split("## bfloat16 optimizer state", 1)[1].split("\n## ", 1)[0]
+    row = next(line for line in section.splitlines() if line.startswith("| f noisy_quadratic |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert " ± " in cells[2] and math.isfinite(float(cells[3])) and cells[4] == "no"
+    assert "bf16 runs bfloat16" in section
+    assert results["meta"]["runs_executed"] == 2 * 5  # learned, bf16 state, 3 baseline settings
+
+
 def test_bar_summary_counts_tasks_and_groups() -> None:
     def analysis(adam: bool, best: bool, diverged: tuple[int, ...] = ()) -> dict[str, Any]:
         return {

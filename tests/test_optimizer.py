@@ -670,3 +670,27 @@ def test_add_param_group_after_first_step_gives_new_parameters_a_fresh_state():
     with pytest.raises(ValueError, match="add_param_group"):
         opt.param_groups[0]["params"] = [torch.nn.Parameter(torch.randn(7))]
         opt.step()
+
+
+@pytest.mark.parametrize("attention", [True, False])
+def test_float64_parameters_are_stepped_in_float64(attention):
+    """An update far below float32's resolution at the parameter's magnitude still lands, and equals the
+    pure step computed in float64."""
+    lopt = HierarchicalRNN(attention=attention)
+    start = torch.full((6,), 1e8, dtype=torch.float64) + torch.arange(6, dtype=torch.float64)
+    p = nn.Parameter(start.clone())
+    opt = HierarchicalRNNOptimizer([p], weights=lopt)
+    grad = torch.linspace(-1.0, 1.0, 6, dtype=torch.float64)
+    p.grad = grad.clone()
+    opt.step()
+    assert opt.hrnn_state["theta"] is None or opt.hrnn_state["theta"].dtype == torch.float64
+    assert p.dtype == torch.float64 and not torch.equal(p.detach(), start)
+    assert torch.equal(p.detach().float().double(), start.float().double())  # float32 could not tell them apart
+
+    layout = Layout.build([6])
+    state = lopt.init_state(layout, theta=start, generator=torch.Generator().manual_seed(0))
+    if attention:
+        state = state._replace(theta=start.clone())
+    with torch.no_grad():
+        ref = lopt.step(state, start.clone(), grad, layout, backend="eager", chunk_size=0)
+    torch.testing.assert_close(p.detach(), ref.point, rtol=0, atol=1e-12)

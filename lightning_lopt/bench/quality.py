@@ -18,7 +18,9 @@ seeds (a seed sets the initialisation, the minibatch order and the gradient nois
 sees the same seeds). The tuned baseline of a task is the (optimizer, lr) with the lowest mean
 final training loss. The final training loss is measured at the true parameters (the learned
 optimizer is put in eval mode) on the whole training set, or on a fixed large batch for the
-language model. Outputs: ``OUT/results.md``, ``OUT/results.json`` and ``OUT/curves_<task>.png``.
+language model. ``--bf16-state`` also runs the learned optimizer with its state in bfloat16 and
+reports its final loss next to the float32-state one. Outputs: ``OUT/results.md``,
+``OUT/results.json`` and ``OUT/curves_<task>.png``.
 Finished runs are cached under ``OUT/runs`` and reused when the same run is asked for again.
 """
 
@@ -56,6 +58,7 @@ from lightning_lopt.tasks.synthetic import QuadraticTask
 
 __all__ = [
     "ABLATIONS",
+    "BF16_STATE",
     "TASKS",
     "BreastCancerLogRegTask",
     "CharTransformerTask",
@@ -87,6 +90,11 @@ QUICK_SWEEP_INDICES = (0, 2, 4, 6)
 ADAM_DEFAULT_LR = 1e-3
 QUICK_STEPS_SCALE = 0.2
 QUICK_MIN_STEPS = 50
+# Variant of the learned optimizer with the weights under test but its state kept in bfloat16
+# (``--bf16-state``); it rides on the ablation variants' machinery (OptimizerConfig.variant).
+BF16_STATE = "bf16_state"
+# State dtype of each learned-optimizer variant that changes only how the state is stored.
+STATE_DTYPE_VARIANTS: dict[str, torch.dtype] = {BF16_STATE: torch.bfloat16}
 
 
 # ============================================================================ tasks
@@ -401,7 +409,8 @@ class OptimizerConfig:
     Attributes:
         kind: ``learned``, ``adam``, ``rmsprop`` or ``sgd``.
         lr: Learning rate (for ``learned``, the multiplier of the learned step).
-        variant: For ``learned``: ``default`` (the weights under test) or an ablation name.
+        variant: For ``learned``: ``default`` (the weights under test), an ablation name, or
+            ``bf16_state`` (the weights under test with the state in bfloat16).
     """
 
     kind: str
@@ -429,7 +438,8 @@ def make_optimizer(
     if config.kind == "learned":
         if lopt is None:
             raise ValueError("The learned optimizer needs weights.")
-        return HierarchicalRNNOptimizer(params, weights=lopt, lr=config.lr, seed=seed)
+        state_dtype = STATE_DTYPE_VARIANTS.get(config.variant)  # None: the optimizer's float32 default
+        return HierarchicalRNNOptimizer(params, weights=lopt, lr=config.lr, seed=seed, state_dtype=state_dtype)
     if config.kind == "adam":
         return torch.optim.Adam(params, lr=config.lr)
     if config.kind == "rmsprop":
@@ -503,6 +513,16 @@ def _eval_steps(steps: int, points: int) -> list[int]:
     return sorted({int(round(i * steps / points)) for i in range(points + 1)})
 
 
+def _state_dtype(opt: torch.optim.Optimizer) -> Optional[str]:
+    """Dtype of the learned optimizer's state as stored (None for the baselines)."""
+    if not isinstance(opt, HierarchicalRNNOptimizer):
+        return None
+    # Read from the buffers themselves, not the constructor argument, so the record proves what ran.
+    st = opt.hrnn_state
+    dtype = st["h_param"].dtype if st is not None else opt.state_dtype
+    return str(dtype).removeprefix("torch.")
+
+
 def run_one(
     task: Task,
     config: OptimizerConfig,
@@ -533,7 +553,8 @@ def run_one(
 
     Returns:
         A JSON-serialisable dict: the setting, initial and final training loss, divergence flags,
-        test loss and accuracy (None without a test split), timings and both curves.
+        test loss and accuracy (None without a test split), timings, both curves and the learned
+        optimizer's state dtype (None for the baselines).
     """
     init_gen = make_generator(1_000_003 * (seed + 1))
     batch_gen = make_generator(2_000_003 * (seed + 1))
@@ -618,6 +639,7 @@ def run_one(
         "nonfinite": nonfinite,
         "diverged": is_diverged(initial_loss, final_loss, nonfinite),
         "skipped_steps": opt.skipped_steps if learned else 0,
+        "state_dtype": _state_dtype(opt),
         "test_accuracy": metrics.get("test_accuracy"),
         "test_loss": metrics.get("test_loss"),
         "seconds": seconds,
@@ -1011,7 +1033,11 @@ def _ratio(a: float, b: Optional[float]) -> Optional[float]:
 
 
 def analyse_task(summaries: dict[str, dict[str, Any]], sweeps: dict[str, Sequence[float]]) -> dict[str, Any]:
-    """Comparisons of one task: learned vs Adam 1e-3 vs the tuned baselines, steps to reach, divergence."""
+    """Comparisons of one task: learned vs Adam 1e-3 vs the tuned baselines, steps to reach, divergence.
+
+    With the ``bf16_state`` variant present, also its final loss relative to the float32-state
+    learned optimizer (``ratio_bf16_state_to_learned``).
+    """
     learned = summaries.get(OptimizerConfig("learned", 1.0).key)
     adam = summaries.get(OptimizerConfig("adam", ADAM_DEFAULT_LR).key)
     tuned = select_tuned(summaries.values())
@@ -1032,6 +1058,12 @@ def analyse_task(summaries: dict[str, dict[str, Any]], sweeps: dict[str, Sequenc
         result["steps_to_best_tuned"] = steps_to_reach(learned["eval_steps"], learned["eval_mean"], target)
         result["eval_interval"] = learned["eval_steps"][1] if len(learned["eval_steps"]) > 1 else None
         result["learned_diverged_seeds"] = learned["diverged_seeds"]
+    bf16 = summaries.get(OptimizerConfig("learned", 1.0, BF16_STATE).key)
+    if bf16:
+        result["bf16_state"] = bf16["optimizer"]
+        result["ratio_bf16_state_to_learned"] = _ratio(
+            bf16["final_loss"]["mean"], learned["final_loss"]["mean"] if learned else None
+        )
     diverged = {k: s["diverged_seeds"] for k, s in summaries.items() if s["diverged_seeds"]}
     result["diverged"] = diverged
     return result
@@ -1217,6 +1249,40 @@ def render_markdown(results: dict[str, Any]) -> str:
                 lines.append(f"- {ABLATIONS[n].title}: weights {p['description']}{extra}")
             else:
                 lines.append(f"- {ABLATIONS[n].title}: skipped, {p['reason']}")
+    if results.get("bf16_state"):
+        lines += [
+            "",
+            "## bfloat16 optimizer state (learned optimizer, final training loss)",
+            "",
+            "The learned optimizer with the same weights, seeds and tasks, its hidden states and accumulators "
+            "kept in bfloat16 (the true parameters stay float32). bf16 / fp32 is the ratio of mean final losses: "
+            "above 1 means the bfloat16 state hurts.",
+            "",
+            "| task | learned, fp32 state | learned, bf16 state | bf16 / fp32 | bf16 diverged |",
+            "|---|---|---|---:|---|",
+        ]
+        for key, t in results["tasks"].items():
+            s, a = t["summaries"], t["analysis"]
+            bf16 = _lookup(s, a.get("bf16_state"))
+            bf16_div = "-"
+            if bf16:
+                n_bad = len(bf16["diverged_seeds"])
+                bf16_div = f"yes ({n_bad}/{len(bf16['seeds'])})" if n_bad else "no"
+            lines.append(
+                f"| {key} {t['name']} | {_fmt_loss(_lookup(s, a['learned']))} | {_fmt_loss(bf16)} | "
+                f"{_fmt(a.get('ratio_bf16_state_to_learned'))} | {bf16_div} |"
+            )
+        # What the runs' optimizers actually held, so a reader can tell the variant really ran in bfloat16.
+        held: dict[str, set[str]] = {"default": set(), BF16_STATE: set()}
+        for r in results["runs"]:
+            variant = r.get("variant", "default")
+            if r["kind"] == "learned" and variant in held:
+                held[variant].add(r.get("state_dtype") or "not recorded")  # runs cached before the field existed
+        lines += [
+            "",
+            "- state dtype read from the optimizer's buffers after each run: fp32 runs "
+            f"{', '.join(sorted(held['default'])) or '-'}; bf16 runs {', '.join(sorted(held[BF16_STATE])) or '-'}",
+        ]
     lines += ["", "## Loss curves", ""]
     for key, t in results["tasks"].items():
         if t.get("figure"):
@@ -1233,6 +1299,8 @@ _STYLE = {
     "adam": dict(color="tab:blue", lw=1.2, alpha=0.8),
     "rmsprop": dict(color="tab:orange", lw=1.2, alpha=0.8),
     "sgd": dict(color="tab:green", lw=1.2, alpha=0.8),
+    # Unlike the ablations (grey) this variant should overlay the learned curve; red shows where it does not.
+    BF16_STATE: dict(color="tab:red", lw=1.4, ls=":"),
 }
 
 
@@ -1249,7 +1317,8 @@ def plot_task(task_result: dict[str, Any], path: Path) -> Path:
         lines.append(("learned (lr 1, untuned)", s[a["learned"]], _STYLE["learned"]))
     for summ in s.values():
         if summ["kind"] == "learned" and summ["variant"] != "default":
-            lines.append((f"learned: {summ['variant']}", summ, dict(color="grey", lw=1.4, ls=":")))
+            style = _STYLE.get(summ["variant"], dict(color="grey", lw=1.4, ls=":"))
+            lines.append((f"learned: {summ['variant']}", summ, style))
     if a["adam_default"]:
         lines.append(("Adam 1e-3 (default)", s[a["adam_default"]], _STYLE["adam_default"]))
     for kind in BASELINE_KINDS:
@@ -1301,11 +1370,12 @@ def plan_jobs(
     sweeps: dict[str, Sequence[float]],
     weights: str,
     ablation_plan: Optional[dict[str, dict[str, Any]]] = None,
+    bf16_state: bool = False,
     min_steps: int = 1,
     eval_points: int = 50,
     task_overrides: Optional[dict[str, dict[str, Any]]] = None,
 ) -> list[Job]:
-    """Every run of the benchmark, learned optimizer first within each task."""
+    """Every run of the benchmark, learned optimizer (and its variants) first within each task."""
     jobs = []
     for key in task_keys:
         steps = max(min_steps, int(round(TASKS[key].steps * steps_scale)))
@@ -1314,6 +1384,8 @@ def plan_jobs(
         for name, p in (ablation_plan or {}).items():
             if p["status"] == "run":
                 configs.append((OptimizerConfig("learned", 1.0, name), p["weights"]))
+        if bf16_state:  # the weights under test, only the state dtype differs
+            configs.append((OptimizerConfig("learned", 1.0, BF16_STATE), weights))
         keys = set()
         for kind in BASELINE_KINDS:
             for lr in sweeps[kind]:
@@ -1336,6 +1408,7 @@ def run_benchmark(
     weights: str = "default",
     ablation: bool = False,
     ablation_weights: Optional[dict[str, str]] = None,
+    bf16_state: bool = False,
     threads: int = 1,
     workers: int = 1,
     use_cache: bool = True,
@@ -1356,6 +1429,7 @@ def run_benchmark(
         weights: Learned-optimizer weights (``default`` or a path).
         ablation: Also run the ablation variants that have weights.
         ablation_weights: Ablation name to weights path.
+        bf16_state: Also run the learned optimizer with its state in bfloat16 (variant ``bf16_state``).
         threads: torch threads per run.
         workers: Runs in parallel processes.
         use_cache: Reuse finished runs from ``out/runs``.
@@ -1377,7 +1451,7 @@ def run_benchmark(
     lopt, w = load_lopt(weights)
     plan = plan_ablations(ablation_weights or {}, w.config) if ablation else None
     jobs = plan_jobs(
-        task_keys, seeds, scale, sweeps, weights, plan,
+        task_keys, seeds, scale, sweeps, weights, plan, bf16_state=bf16_state,
         min_steps=QUICK_MIN_STEPS if quick else 1, eval_points=eval_points, task_overrides=task_overrides,
     )  # fmt: skip
     t_runs = time.perf_counter()
@@ -1431,6 +1505,12 @@ def run_benchmark(
     }
     if plan is not None:
         results["ablation"] = {"plan": plan}
+    if bf16_state:
+        results["bf16_state"] = {
+            "variant": BF16_STATE,
+            "optimizer": OptimizerConfig("learned", 1.0, BF16_STATE).key,
+            "state_dtype": str(STATE_DTYPE_VARIANTS[BF16_STATE]).removeprefix("torch."),
+        }
     results["meta"]["wall_seconds"] = time.perf_counter() - t0
     md = render_markdown(results)
     (out / "results.md").write_text(md)
@@ -1464,6 +1544,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=PATH,...",
         help="meta-trained weights of the variants: " + ", ".join(ABLATIONS),
     )
+    p.add_argument(
+        "--bf16-state",
+        action="store_true",
+        help="also run the learned optimizer with its state in bfloat16 (same weights and seeds) and compare",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1: the models are small)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel worker processes (default 1)")
     p.add_argument("--no-cache", action="store_true", help="rerun every run instead of reusing OUT/runs")
@@ -1489,7 +1574,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         results = run_benchmark(
             keys, Path(args.out), seeds=seeds, steps_scale=args.steps_scale, quick=args.quick, weights=args.weights,
-            ablation=args.ablation, ablation_weights=ablation_weights, threads=args.threads, workers=args.jobs,
+            ablation=args.ablation, ablation_weights=ablation_weights, bf16_state=args.bf16_state,
+            threads=args.threads, workers=args.jobs,
             use_cache=not args.no_cache, show_progress=not args.no_progress, command=command,
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as err:
