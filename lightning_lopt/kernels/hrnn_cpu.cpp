@@ -223,13 +223,27 @@ void run_tiles(const Dims<HT, KT> dims, const Weights& w, const StatePtrs<S>& p,
     const int64_t e0 = tile * BL;
     const int nb = static_cast<int>(std::min<int64_t>(BL, n - e0));
     // ---- load (padding lanes get harmless values; they are neither stored nor reduced)
+    // Tensor ids never decrease along the flat vector (Layout.build), so a tile lies in one tensor
+    // exactly when its first and last elements do.
     const int64_t t_first = p.tid[e0];
-    bool uniform = true;
-    for (int b = 1; b < nb; ++b) uniform &= p.tid[e0 + b] == t_first;
+    const bool uniform = p.tid[e0 + nb - 1] == t_first;
+    const bool full = uniform && nb == BL;  // the common tile: plain vector loads and stores
     load_tile(p.h, e0, H, nb, h, wide);
     load_tile(p.m, e0, K, nb, m, wide);
     load_tile(p.v, e0, K, nb, v, wide);
-    for (int b = 0; b < BL; ++b) {
+    if (full) {
+      const float* row = w.table + t_first * w.table_w;
+      const float rel0 = row[3 * H], lr0 = row[3 * H + 1];
+#pragma omp simd
+      for (int b = 0; b < BL; ++b) {
+        g[b] = p.grad[e0 + b];
+        bi[b] = to_f(p.bi[e0 + b]);
+        bs[b] = to_f(p.bs[e0 + b]);
+        ll[b] = to_f(p.ll[e0 + b]);
+        rel[b] = ll[b] - rel0;
+        lr_e[b] = lr0;
+      }
+    } else for (int b = 0; b < BL; ++b) {
       const bool in = b < nb;
       const int64_t e = e0 + (in ? b : 0);
       g[b] = in ? p.grad[e] : 0.0f;
@@ -322,7 +336,16 @@ void run_tiles(const Dims<HT, KT> dims, const Weights& w, const StatePtrs<S>& p,
     store_tile(p.oh, e0, H, nb, hn, wide);
     store_tile(p.om, e0, K, nb, m, wide);
     store_tile(p.ov, e0, K, nb, v, wide);
-    for (int b = 0; b < nb; ++b) {
+    if (full) {
+#pragma omp simd
+      for (int b = 0; b < BL; ++b) {
+        p.obi[e0 + b] = from_f<S>(o_bi[b]);
+        p.obs[e0 + b] = from_f<S>(o_bs[b]);
+        p.oll[e0 + b] = from_f<S>(o_ll[b]);
+        p.ud[e0 + b] = o_ud[b];
+        p.ua[e0 + b] = o_ua[b];
+      }
+    } else for (int b = 0; b < nb; ++b) {
       const int64_t e = e0 + b;
       p.obi[e] = from_f<S>(o_bi[b]);
       p.obs[e] = from_f<S>(o_bs[b]);
