@@ -17,6 +17,7 @@ __all__ = ["HierarchicalRNNOptimizer"]
 
 STATE_KEY = "hrnn"
 COMPILE_MIN_PARAMS = 1 << 16
+GPU_CHUNK = 1 << 20  # elements per eager chunk on a GPU: about 0.4 GB of temporaries
 """Below this many parameters the step stays eager even with ``backend="compiled"``: there is less
 than one compiled chunk's worth of work, and the last, partial chunk always runs eagerly."""
 BACKENDS = ("auto", "cpp", "eager", "compiled")
@@ -96,7 +97,9 @@ class HierarchicalRNNOptimizer(Optimizer):
             any parameter is float64 (then the step runs eagerly in float64), else float32.
         compile: Kept for compatibility: ``True`` means ``backend="compiled"``, ``False`` means
             ``backend="eager"``, ``None`` leaves ``backend`` in charge.
-        chunk_size: Elements per chunk of the step's eager element-level part (``0``: one chunk).
+        chunk_size: Elements per chunk of the step's eager element-level part (``0``: one chunk;
+            ``None``: :data:`DEFAULT_CHUNK` on CPU, where chunks stay in cache, and
+            :data:`GPU_CHUNK` on a GPU, where each chunk costs a few dozen kernel launches).
         backend: How the step's element-level part runs. ``"auto"`` (default): the fused C++
             kernel of :mod:`lightning_lopt.kernels` on CPU (built on the first step, about a minute
             once per machine, then loaded from torch's extension cache in well under a second),
@@ -116,7 +119,7 @@ class HierarchicalRNNOptimizer(Optimizer):
         seed: int = 0,
         state_dtype: Optional[torch.dtype] = None,
         compile: Optional[bool] = None,
-        chunk_size: int = DEFAULT_CHUNK,
+        chunk_size: Optional[int] = None,
         backend: str = "auto",
     ) -> None:
         if not lr >= 0.0:
@@ -142,7 +145,7 @@ class HierarchicalRNNOptimizer(Optimizer):
         if compile is not None:
             backend = "compiled" if compile else "eager"
         self.backend = backend
-        self.chunk_size = int(chunk_size)
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
         self._point_buffer: Optional[Tensor] = None
         self._hyper_cache: Optional[tuple[Any, Tensor, Tensor]] = None
 
@@ -385,7 +388,10 @@ class HierarchicalRNNOptimizer(Optimizer):
         backend = self.backend
         if backend == "compiled" and layout.numel < COMPILE_MIN_PARAMS:
             backend = "eager"
-        fast: dict[str, Any] = dict(chunk_size=self.chunk_size, backend=backend)
+        chunk = self.chunk_size
+        if chunk is None:
+            chunk = DEFAULT_CHUNK if device.type == "cpu" else GPU_CHUNK
+        fast: dict[str, Any] = dict(chunk_size=chunk, backend=backend)
         if full:
             # The step writes the new state straight into the flat buffers, and the point into a
             # kept buffer, so a step allocates nothing of the parameters' size.
