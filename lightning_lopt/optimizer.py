@@ -17,9 +17,11 @@ __all__ = ["HierarchicalRNNOptimizer"]
 
 STATE_KEY = "hrnn"
 COMPILE_MIN_PARAMS = 1 << 16
-GPU_CHUNK = 1 << 20  # elements per eager chunk on a GPU: about 0.4 GB of temporaries
 """Below this many parameters the step stays eager even with ``backend="compiled"``: there is less
 than one compiled chunk's worth of work, and the last, partial chunk always runs eagerly."""
+GPU_CHUNK = 1 << 20
+"""Elements per chunk of the eager step on a GPU (about 0.4 GB of temporaries), where each chunk
+costs a few dozen kernel launches; the CPU default, ``DEFAULT_CHUNK``, keeps chunks in cache."""
 BACKENDS = ("auto", "cpp", "eager", "compiled")
 _TENSOR_FIELDS = HRNNState._fields
 _MATRIX_FIELDS = ("h_param", "momentum", "mean_square")
