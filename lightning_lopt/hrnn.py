@@ -436,18 +436,22 @@ class HierarchicalRNN(nn.Module):
         if torch.is_grad_enabled():
             return self._pack_element_weights(dtype)
         # data_ptr: module.to() and load_state_dict(assign=True) swap storage without a version bump.
-        cell = self.param_rnn
-        read = [self.w_direction, self.w_log_lr, self.w_beta_sc, self.w_beta_in, self.shortcut_direction,
-                self.b_log_lr, self.b_beta_sc, self.b_beta_in, cell.weight_gates, cell.bias_gates,
-                cell.weight_candidate, cell.bias_candidate, self.lr_smoothing, self.step_offset]
-        if self.attention:
-            read += [self.w_attention, self.shortcut_attention]
-        key = (dtype, tuple((id(p), p._version, p.data_ptr()) for p in read))
+        key = (dtype, tuple((id(p), p._version, p.data_ptr()) for p in self._element_sources()))
         cached = self.__dict__.get("_packed_weights")
         if cached is None or cached[0] != key:
             cached = (key, self._pack_element_weights(dtype))
             self.__dict__["_packed_weights"] = cached
         return cached[1]
+
+    def _element_sources(self) -> list[Tensor]:
+        """The meta-parameters :meth:`_pack_element_weights` reads (what its cache depends on)."""
+        cell = self.param_rnn
+        sources = [self.w_direction, self.w_log_lr, self.w_beta_sc, self.w_beta_in, self.shortcut_direction,
+                   self.b_log_lr, self.b_beta_sc, self.b_beta_in, cell.weight_gates, cell.bias_gates,
+                   cell.weight_candidate, cell.bias_candidate, self.lr_smoothing, self.step_offset]
+        if self.attention:
+            sources += [self.w_attention, self.shortcut_attention]
+        return sources
 
     def _pack_element_weights(self, dtype: torch.dtype) -> dict[str, Tensor]:
         k = self.num_timescales
@@ -990,6 +994,12 @@ def _apply_update(
     return theta, phi
 
 
+def is_feature_major(t: Tensor) -> bool:
+    """True when ``t`` is 2-D with each column contiguous (its transpose is contiguous): the layout
+    in which the fused kernel reads a tile's column with one vector load."""
+    return t.dim() == 2 and t.stride(0) == 1 and t.t().is_contiguous()
+
+
 def _empty_like_state(state: HRNNState) -> HRNNState:
     return HRNNState(*(None if t is None else torch.empty_like(t) for t in state))
 
@@ -1079,7 +1089,7 @@ def _cpp_applies(state: HRNNState, point: Tensor, grad: Tensor, new: Optional[HR
     for st in (state,) if new is None else (state, new):
         for name in fields:
             t = getattr(st, name)
-            laid_out = t.is_contiguous() or (t.dim() == 2 and t.stride(0) == 1 and t.t().is_contiguous())
+            laid_out = t.is_contiguous() or is_feature_major(t)
             if t.dtype != sd or not laid_out or t.device.type != "cpu":
                 return False
     return True

@@ -11,7 +11,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_lopt.hrnn import DEFAULT_CHUNK, WEIGHTS_DIR, HierarchicalRNN, HRNNState, Layout, StepDiagnostics
+from lightning_lopt.hrnn import (
+    DEFAULT_CHUNK,
+    WEIGHTS_DIR,
+    HierarchicalRNN,
+    HRNNState,
+    Layout,
+    StepDiagnostics,
+    is_feature_major,
+)
 
 __all__ = ["HierarchicalRNNOptimizer"]
 
@@ -32,7 +40,7 @@ def _feature_major(st: dict[str, Any]) -> dict[str, Any]:
     # reads a tile's column with one vector load instead of a gather (about 10% of the step).
     for k in _MATRIX_FIELDS:
         t = st.get(k)
-        if t is not None and t.dim() == 2 and not (t.stride(0) == 1 and t.t().is_contiguous()):
+        if t is not None and t.dim() == 2 and not is_feature_major(t):
             st[k] = t.t().contiguous().t()
     return st
 
@@ -256,7 +264,8 @@ class HierarchicalRNNOptimizer(Optimizer):
 
     def _init_state(self, params: list[Tensor]) -> dict[str, Any]:
         layout = self.layout(params)
-        flat = torch.cat([p.detach().reshape(-1).to(_compute_dtype(params)) for p in params])
+        dtype = _compute_dtype(params)
+        flat = torch.cat([p.detach().reshape(-1).to(dtype) for p in params])
         gen = torch.Generator().manual_seed(self.seed)
         hrnn = self.lopt.init_state(layout, theta=flat, generator=gen, dtype=self.state_dtype)
         st: dict[str, Any] = {k: getattr(hrnn, k) for k in _TENSOR_FIELDS}
