@@ -486,7 +486,6 @@ class HierarchicalRNN(nn.Module):
         weight_decay: Union[float, Tensor] = 0.0,
         diagnostics: bool = False,
         chunk_size: Optional[int] = None,
-        compile: bool = False,
         out: Optional[HRNNState] = None,
         out_point: Optional[Tensor] = None,
         backend: str = "auto",
@@ -513,7 +512,6 @@ class HierarchicalRNN(nn.Module):
             chunk_size: Elements per chunk of the element-level part when autograd is off
                 (``None``: :data:`DEFAULT_CHUNK`; ``0``: one chunk). With autograd on, the step
                 always runs as one chunk.
-            compile: Same as ``backend="compiled"`` (kept for compatibility).
             out: Buffers for the new state (may be ``state`` itself, updated in place); only
                 used without autograd. The returned state is then ``out``.
             out_point: Buffer for the returned point (may alias ``point``), likewise.
@@ -536,8 +534,6 @@ class HierarchicalRNN(nn.Module):
         chunk = layout.numel if not chunk_size else int(chunk_size)
         if backend not in _BACKENDS:
             raise ValueError(f"Unknown backend {backend!r}; expected one of {_BACKENDS}.")
-        if compile and backend in ("auto", "eager"):
-            backend = "compiled"
 
         # ---- prelude (per tensor): problem-mean log lr, injected biases, lr and decay per tensor.
         lr_mean_p = layout.problem_sum(state.log_lr, dtype) / layout.problem_elements.to(dtype)

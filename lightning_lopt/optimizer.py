@@ -105,8 +105,6 @@ class HierarchicalRNNOptimizer(Optimizer):
         state_dtype: Floating point type of the state buffers (``torch.bfloat16`` halves them);
             the true parameters kept with attention stay in the compute precision: float64 when
             any parameter is float64 (then the step runs eagerly in float64), else float32.
-        compile: Kept for compatibility: ``True`` means ``backend="compiled"``, ``False`` means
-            ``backend="eager"``, ``None`` leaves ``backend`` in charge.
         chunk_size: Elements per chunk of the step's eager element-level part (``0``: one chunk;
             ``None``: :data:`DEFAULT_CHUNK` on CPU, where chunks stay in cache, and
             :data:`GPU_CHUNK` on a GPU, where each chunk costs a few dozen kernel launches).
@@ -128,7 +126,6 @@ class HierarchicalRNNOptimizer(Optimizer):
         weight_decay: float = 0.0,
         seed: int = 0,
         state_dtype: Optional[torch.dtype] = None,
-        compile: Optional[bool] = None,
         chunk_size: Optional[int] = None,
         backend: str = "auto",
     ) -> None:
@@ -152,8 +149,6 @@ class HierarchicalRNNOptimizer(Optimizer):
         self._training = True
         if backend not in BACKENDS:
             raise ValueError(f"Unknown backend {backend!r}; expected one of {BACKENDS}.")
-        if compile is not None:
-            backend = "compiled" if compile else "eager"
         self.backend = backend
         self.chunk_size = None if chunk_size is None else int(chunk_size)
         self._point_buffer: Optional[Tensor] = None

@@ -512,7 +512,7 @@ def test_step_paths_without_autograd_equal_reference(attention, mode):
 
 @pytest.mark.parametrize("attention", [True, False])
 def test_compiled_kernel_path_equals_reference(monkeypatch, attention):
-    """The element-level kernel that compile=True hands to torch.compile (run here eagerly, torch.compile
+    """The element-level kernel that backend="compiled" hands to torch.compile (run here eagerly, torch.compile
     replaced by a pass-through so the test stays fast) computes the same step as the reference."""
     import lightning_lopt.hrnn as hrnn_module
 
@@ -534,7 +534,7 @@ def test_compiled_kernel_path_equals_reference(monkeypatch, attention):
     for _ in range(2):
         ref = reference_step(lopt, state, point, grad_fn(point), sizes, problems, lr=0.7, wd=0.1)
         with torch.no_grad():
-            out = lopt.step(state, point, grad_fn(point), layout, lr=0.7, weight_decay=0.1, chunk_size=4, compile=True)
+            out = lopt.step(state, point, grad_fn(point), layout, lr=0.7, weight_decay=0.1, chunk_size=4, backend="compiled")
         assert_state_close(out.state, ref, rtol=1e-9, atol=1e-11)
         torch.testing.assert_close(out.point, ref["point"], rtol=1e-9, atol=1e-11)
         state, point = out.state, out.point

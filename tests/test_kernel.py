@@ -241,11 +241,13 @@ def test_optimizer_kernel_equals_eager(state_dtype: Optional[torch.dtype]) -> No
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
-def test_optimizer_compile_argument_still_works() -> None:
+def test_optimizer_backend_argument() -> None:
     p = torch.nn.Parameter(torch.randn(4))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert HierarchicalRNNOptimizer([p], weights=HierarchicalRNN(), compile=False).backend == "eager"
+        assert HierarchicalRNNOptimizer([p], weights=HierarchicalRNN(), backend="eager").backend == "eager"
         assert HierarchicalRNNOptimizer([p], weights=HierarchicalRNN()).backend == "auto"
+        with pytest.raises(TypeError, match="compile"):
+            HierarchicalRNNOptimizer([p], weights=HierarchicalRNN(), compile=True)
         with pytest.raises(ValueError, match="backend"):
             HierarchicalRNNOptimizer([p], weights=HierarchicalRNN(), backend="gpu")

@@ -125,7 +125,7 @@ def test_compiled_equals_eager(attention: bool) -> None:
     reference = _run(lopt, 3, chunk_size=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a silent fallback to eager would not test compile
-        compiled = _run(lopt, 3, in_place=True, chunk_size=64, compile=True)
+        compiled = _run(lopt, 3, in_place=True, chunk_size=64, backend="compiled")
     assert not hrnn_module._CompiledKernel.failed
     _assert_same(reference, compiled, rtol=1e-4, atol=1e-5)
 
@@ -143,7 +143,7 @@ def test_compile_failure_falls_back_with_one_warning(monkeypatch: pytest.MonkeyP
     lopt = HierarchicalRNN()
     reference = _run(lopt, 2, chunk_size=0)
     with pytest.warns(RuntimeWarning, match="falling back") as record:
-        fallback = _run(lopt, 2, in_place=True, chunk_size=64, compile=True)
+        fallback = _run(lopt, 2, in_place=True, chunk_size=64, backend="compiled")
     assert len([w for w in record if "falling back" in str(w.message)]) == 1
     _assert_same(reference, fallback, rtol=1e-5, atol=1e-6)
 
@@ -175,8 +175,8 @@ def test_bf16_state_is_bf16_and_close() -> None:
 
 
 def test_optimizer_chunked_equals_unchunked() -> None:
-    _, a = _optimizer_run(None, chunk_size=0, compile=False)
-    _, b = _optimizer_run(None, chunk_size=97, compile=False)
+    _, a = _optimizer_run(None, chunk_size=0, backend="eager")
+    _, b = _optimizer_run(None, chunk_size=97, backend="eager")
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
