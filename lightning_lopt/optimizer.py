@@ -426,3 +426,22 @@ class HierarchicalRNNOptimizer(Optimizer):
     def __repr__(self) -> str:
         groups = ", ".join(f"(lr={g['lr']}, weight_decay={g['weight_decay']}, n={len(g['params'])})" for g in self.param_groups)
         return f"HierarchicalRNNOptimizer(attention={self.lopt.attention}, groups=[{groups}])"
+
+    # ------------------------------------------------------------------ copy and pickle
+
+    # Caches keyed by tensor identity or tied to a device: a copy rebuilds them on its first step.
+    _TRANSIENT = ("_layout_cache", "_point_buffer", "_hyper_cache")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim.Optimizer keeps only defaults, state and param_groups, which loses the learned
+        # optimizer and the mode; keep every attribute except hooks (torch drops them too: they may
+        # be closures) and the caches.
+        return {
+            k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_") and k not in self._TRANSIENT
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._layout_cache = {}
+        self._point_buffer = None
+        self._hyper_cache = None
