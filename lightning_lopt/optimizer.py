@@ -20,10 +20,15 @@ from lightning_lopt.hrnn import (
     StepDiagnostics,
     is_feature_major,
 )
+from lightning_lopt.sharding import Sharding, local_tensor
 
 __all__ = ["HierarchicalRNNOptimizer"]
 
 STATE_KEY = "hrnn"
+FORMAT_KEY = "optimizer"
+FORMAT = "lightning_lopt.HierarchicalRNNOptimizer"
+"""``state_dict()[FORMAT_KEY]``: marks a state dict as this optimizer's, so that another optimizer's is refused."""
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 COMPILE_MIN_PARAMS = 1 << 16
 """Below this many parameters the step stays eager even with ``backend="compiled"``: there is less
 than one compiled chunk's worth of work, and the last, partial chunk always runs eagerly."""
@@ -85,6 +90,36 @@ def _all_finite(x: Tensor) -> bool:
     return math.isfinite(low.item()) and math.isfinite(high.item())
 
 
+def _check_own_state_dict(sd: Any) -> None:
+    # torch.optim.Optimizer.load_state_dict takes any optimizer's state dict and copies its group
+    # options over ours: Adam's would silently set the lr multiplier to 0.001.
+    if not isinstance(sd, dict) or not isinstance(sd.get("state"), dict) or not isinstance(sd.get("param_groups"), list):
+        found = f"keys {sorted(map(str, sd))}" if isinstance(sd, dict) else type(sd).__name__
+        raise ValueError(
+            f"HierarchicalRNNOptimizer.load_state_dict expects a dict from HierarchicalRNNOptimizer.state_dict() "
+            f"(with 'state' and 'param_groups'); found {found}."
+        )
+    marker = sd.get(FORMAT_KEY)
+    others = [k for k in sd["state"] if k != STATE_KEY]
+    if marker == FORMAT and not others:
+        return
+    if marker is None and STATE_KEY in sd["state"] and not others:
+        return  # this optimizer's flat state alone, e.g. rebuilt by a strategy that drops top-level keys
+    found = []
+    if marker is not None:
+        found.append(f"a state dict marked {marker!r}")
+    if others:
+        entries = sorted({str(k) for v in sd["state"].values() if isinstance(v, dict) for k in v})
+        found.append(f"per-parameter state for {len(others)} parameter(s) with entries {entries}")
+    options = sorted({str(k) for g in sd["param_groups"] if isinstance(g, dict) for k in g} - {"params"})
+    found.append(f"parameter groups with options {options}")
+    raise ValueError(
+        "This state dict was not written by HierarchicalRNNOptimizer; found " + " and ".join(found) + ". "
+        "It looks like another optimizer's (such as torch.optim.Adam). Start this optimizer from a fresh state: "
+        "load only the model's weights (e.g. LightningModule.load_from_checkpoint and fit without ckpt_path)."
+    )
+
+
 class HierarchicalRNNOptimizer(Optimizer):
     """The hierarchical RNN learned optimizer (Wichrowska et al., 2017) as a torch optimizer.
 
@@ -102,8 +137,8 @@ class HierarchicalRNNOptimizer(Optimizer):
         lr: Multiplier of the learned step size (what LR schedulers change).
         weight_decay: Decoupled weight decay; each step shrinks parameters by ``lr * weight_decay``.
         seed: Seed of the random initial per-element learning rates in the state.
-        state_dtype: Floating point type of the state buffers (``torch.bfloat16`` halves them);
-            the true parameters kept with attention stay in the compute precision: float64 when
+        state_dtype: Floating point type of the state buffers, one of :data:`STATE_DTYPES`
+            (default float32; ``torch.bfloat16`` halves the state); the true parameters kept with attention stay in the compute precision: float64 when
             any parameter is float64 (then the step runs eagerly in float64), else float32.
         chunk_size: Elements per chunk of the step's eager element-level part (``0``: one chunk;
             ``None``: :data:`DEFAULT_CHUNK` on CPU, where chunks stay in cache, and
@@ -116,7 +151,24 @@ class HierarchicalRNNOptimizer(Optimizer):
             :data:`COMPILE_MIN_PARAMS` parameters (measured slower than eager here). Where the
             choice does not apply (bfloat16 or float64 compute, a GPU) or fails to build, the step
             runs eagerly; a failed build warns once. ``lopt.last_backend`` says which ran.
+        problem_group: For ``torch.distributed.optim.ZeroRedundancyOptimizer``: the process group
+            (e.g. ``torch.distributed.group.WORLD``) whose ranks' optimizers each hold a part of the
+            model's tensors. The per-problem reductions (the log learning rate's mean, the global
+            RNN's input) are then all-reduced over it, so every rank applies the update of one
+            optimizer over the whole model. ``None``: this optimizer holds the whole problem.
+            FSDP2 (``fully_shard``) parameters need nothing: their shard group is read from them.
+
+    Sharded parameters (DTensors from ``fully_shard``, ``Shard`` or ``Replicate`` on one 1-D mesh)
+    are stepped shard by shard; each rank keeps state for its local shard only, and the per-tensor
+    statistics are all-reduced over the shard group, so the update equals the unsharded one.
+    The state dict is then per parameter (DTensors for sharded ones), which
+    ``torch.distributed.checkpoint`` saves and reshards; see :attr:`per_parameter_state_dict`.
     """
+
+    per_parameter_state_dict: Optional[bool] = None
+    """Write :meth:`state_dict` per parameter (what ``torch.distributed.checkpoint`` needs) rather than
+    as flat buffers. ``None``: per parameter when the parameters are sharded or ``problem_group`` is
+    set. Set ``True`` on an unsharded optimizer to load a sharded checkpoint into it (resharding)."""
 
     def __init__(
         self,
@@ -128,6 +180,7 @@ class HierarchicalRNNOptimizer(Optimizer):
         state_dtype: Optional[torch.dtype] = None,
         chunk_size: Optional[int] = None,
         backend: str = "auto",
+        problem_group: Optional[Any] = None,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning-rate multiplier lr={lr}: it must be >= 0.")
@@ -139,6 +192,11 @@ class HierarchicalRNNOptimizer(Optimizer):
             for p in self.lopt.parameters():
                 p.requires_grad_(False)
         self.seed = seed
+        if state_dtype is not None and state_dtype not in STATE_DTYPES:
+            raise ValueError(
+                f"Invalid state_dtype={state_dtype!r}: the state holds floating point values; use one of "
+                f"{', '.join(map(str, STATE_DTYPES))} (torch.bfloat16 halves the state)."
+            )
         self.state_dtype = state_dtype or torch.float32
         self.last_diagnostics: Optional[StepDiagnostics] = None
         # Indices into `params` of the tensors `last_diagnostics` covers: a step skips tensors without a grad.
@@ -150,6 +208,8 @@ class HierarchicalRNNOptimizer(Optimizer):
         if backend not in BACKENDS:
             raise ValueError(f"Unknown backend {backend!r}; expected one of {BACKENDS}.")
         self.backend = backend
+        self.problem_group = problem_group
+        self._sharding_cache: Optional[tuple[Any, Sharding]] = None
         self.chunk_size = None if chunk_size is None else int(chunk_size)
         self._point_buffer: Optional[Tensor] = None
         self._hyper_cache: Optional[tuple[Any, Tensor, Tensor]] = None
@@ -187,9 +247,20 @@ class HierarchicalRNNOptimizer(Optimizer):
         key = tuple(id(p) for p in params)
         layout = self._layout_cache.get(key)
         if layout is None or layout.tensor_ids.device != params[0].device:
-            layout = Layout.build([p.numel() for p in params], device=params[0].device)
+            sizes = [local_tensor(p).numel() for p in params]
+            # A sharded parameter contributes its local shard; its means divide by the whole tensor's size.
+            counts = [p.numel() for p in params] if sizes != [p.numel() for p in params] else None
+            layout = Layout.build(sizes, device=params[0].device, counts=counts)
             self._layout_cache = {key: layout}
         return layout
+
+    def _sharding(self, params: list[Tensor]) -> Optional[Sharding]:
+        """How ``params`` are distributed, or None when this optimizer holds its whole problem."""
+        key = tuple(id(p) for p in params)
+        if self._sharding_cache is None or self._sharding_cache[0] != key:
+            self._sharding_cache = (key, Sharding(params, self.problem_group))
+        sharding = self._sharding_cache[1]
+        return sharding if sharding.distributed else None
 
     # ------------------------------------------------------------------ train / eval
 
@@ -210,7 +281,7 @@ class HierarchicalRNNOptimizer(Optimizer):
         st = self.hrnn_state
         if st is None or st["theta"] is None:
             return
-        params = self.params
+        params = [local_tensor(p) for p in self.params]
         shadow = st["theta"]
         current = torch.cat([p.detach().reshape(-1).to(shadow.dtype) for p in params])
         torch._foreach_copy_([p.data for p in params], self._split(shadow, params))
@@ -227,13 +298,27 @@ class HierarchicalRNNOptimizer(Optimizer):
         sd = super().state_dict()
         if STATE_KEY in sd["state"]:
             sd["state"][STATE_KEY] = dict(sd["state"][STATE_KEY], training=self._training)
+        sd[FORMAT_KEY] = FORMAT
+        per_parameter = self.per_parameter_state_dict
+        if per_parameter is None:
+            per_parameter = self._sharding(self.params) is not None
+        if per_parameter and STATE_KEY in sd["state"]:
+            params = self.params
+            sd["state"] = Sharding(params, self.problem_group).per_parameter_state(params, sd["state"][STATE_KEY])
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a state from :meth:`state_dict`; the parameters must have the same shapes."""
+        """Restore a state from :meth:`state_dict`; the parameters must have the same shapes.
+
+        Raises:
+            ValueError: The state was not written by this optimizer (e.g. it is ``torch.optim.Adam``'s),
+                or does not match these parameters or weights.
+        """
+        state_dict = self._flat_state_dict(state_dict)
+        _check_own_state_dict(state_dict)
         saved = state_dict["state"].get(STATE_KEY)
         if saved is not None:
-            sizes = [p.numel() for p in self.params]
+            sizes = [local_tensor(p).numel() for p in self.params]
             if list(saved["sizes"]) != sizes:
                 raise ValueError(
                     "The saved HierarchicalRNNOptimizer state was made for parameters of sizes "
@@ -255,24 +340,53 @@ class HierarchicalRNNOptimizer(Optimizer):
         else:
             self._training = True
 
+    def _flat_state_dict(self, state_dict: Any) -> Any:
+        # A per-parameter state dict (from a sharded optimizer, or torch.distributed.checkpoint) back
+        # into the flat buffers; the entries are matched to parameters through the groups' order.
+        state = state_dict.get("state") if isinstance(state_dict, dict) else None
+        if not isinstance(state, dict) or not state or STATE_KEY in state:
+            return state_dict
+        if not all(isinstance(v, dict) and "h_tensor" in v and "h_global" in v for v in state.values()):
+            return state_dict  # not this optimizer's: refused by the check that follows
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = self.params
+        if len(saved_ids) != len(params) or any(i not in state for i in saved_ids):
+            raise ValueError(
+                f"The saved per-parameter HierarchicalRNNOptimizer state covers {len(state)} of {len(saved_ids)} "
+                f"parameters, but this optimizer has {len(params)}; all parameters need their state."
+            )
+        flat = Sharding.flat_state(params, [state[i] for i in saved_ids])
+        groups = []
+        start = 0
+        for g in state_dict["param_groups"]:
+            groups.append(dict(g, params=list(range(start, start + len(g["params"])))))
+            start += len(g["params"])
+        return dict(state_dict, state={STATE_KEY: flat}, param_groups=groups)
+
     # ------------------------------------------------------------------ step
 
     def _init_state(self, params: list[Tensor]) -> dict[str, Any]:
         layout = self.layout(params)
-        dtype = _compute_dtype(params)
-        flat = torch.cat([p.detach().reshape(-1).to(dtype) for p in params])
+        locals_ = [local_tensor(p) for p in params]
+        dtype = _compute_dtype(locals_)
+        flat = torch.cat([p.detach().reshape(-1).to(dtype) for p in locals_])
         gen = torch.Generator().manual_seed(self.seed)
         hrnn = self.lopt.init_state(layout, theta=flat, generator=gen, dtype=self.state_dtype)
         st: dict[str, Any] = {k: getattr(hrnn, k) for k in _TENSOR_FIELDS}
         if st["theta"] is not None:
             st["theta"] = flat  # from the parameters themselves: init_state rounds theta to state_dtype
-        st.update(step=0, skipped=0, sizes=[p.numel() for p in params])
+        sharding = self._sharding(params)
+        if sharding is not None:
+            # The unsharded optimizer's draws for these elements: a sharded run starts where it would.
+            st["log_lr"] = sharding.initial_log_lr(self.lopt, [p.numel() for p in locals_], self.seed,
+                                                   st["log_lr"].dtype, flat.device)
+        st.update(step=0, skipped=0, sizes=[p.numel() for p in locals_])
         return _feature_major(st)
 
     def _extend_state(self, st: dict[str, Any], params: list[Tensor]) -> dict[str, Any]:
         """Give parameters added by ``add_param_group`` (e.g. when fine-tuning unfreezes layers) a fresh state."""
         old = list(st["sizes"])
-        sizes = [p.numel() for p in params]
+        sizes = [local_tensor(p).numel() for p in params]
         if sizes[: len(old)] != old:
             raise ValueError(
                 f"The optimizer's parameters changed from sizes {old} to {sizes}; only appending parameter groups "
@@ -334,28 +448,34 @@ class HierarchicalRNNOptimizer(Optimizer):
                 "parameters, not the attended point. Call optimizer.train() before the training forward pass "
                 "(lightning_lopt.callbacks.EvalWithTrueParameters does this in a Trainer)."
             )
-        params = self.params
-        if not params:
+        full_params = self.params
+        if not full_params:
             return loss
-        device = params[0].device
+        device = full_params[0].device
         if next(self.lopt.parameters()).device != device:
             self.lopt.to(device)
-        for p in params:  # before the state is made: complex parameters cannot be flattened into it
+        for p in full_params:  # before the state is made: complex parameters cannot be flattened into it
             if p.grad is not None:
                 self._check_grad(p)
+        # The state covers each sharded (DTensor) parameter's local shard: the step reads and writes those.
+        params = [local_tensor(p) for p in full_params]
+        sharding = self._sharding(full_params)
         st = self.state.get(STATE_KEY)
         if st is None:
-            st = self.state[STATE_KEY] = self._init_state(params)
+            st = self.state[STATE_KEY] = self._init_state(full_params)
         elif st["sizes"] != [p.numel() for p in params]:
-            st = self.state[STATE_KEY] = self._extend_state(st, params)
+            st = self.state[STATE_KEY] = self._extend_state(st, full_params)
 
-        active = [i for i, p in enumerate(params) if p.grad is not None]
+        active = [i for i, p in enumerate(full_params) if p.grad is not None]
         if not active:
             return loss
         act_params = [params[i] for i in active]
         dtype = _compute_dtype(params)
-        grad = torch.cat([p.grad.reshape(-1).to(dtype) for p in act_params])
-        if not _all_finite(grad):
+        grad = torch.cat([local_tensor(full_params[i].grad).reshape(-1).to(dtype) for i in active])
+        finite = grad.numel() == 0 or _all_finite(grad)
+        if sharding is not None:
+            finite = sharding.all_finite(finite, device)  # ranks skip together, or their collectives part ways
+        if not finite:
             st["skipped"] += 1
             if not self._warned_nonfinite:
                 warnings.warn(
@@ -374,11 +494,11 @@ class HierarchicalRNNOptimizer(Optimizer):
         full = len(active) == len(params)
         state = HRNNState(*(st[k] for k in _TENSOR_FIELDS))
         if full:
-            layout = self.layout(params)
+            layout = self.layout(full_params)
             index = None
         else:
             # Only the tensors that have gradients take part; the others keep their state.
-            layout = self.layout(act_params)
+            layout = self.layout([full_params[i] for i in active])
             bounds = torch.tensor([0] + [p.numel() for p in params], device=device).cumsum(0)
             index = torch.cat([torch.arange(int(bounds[i]), int(bounds[i + 1]), device=device) for i in active])
             state = state._replace(
@@ -398,6 +518,8 @@ class HierarchicalRNNOptimizer(Optimizer):
         if chunk is None:
             chunk = DEFAULT_CHUNK if device.type == "cpu" else GPU_CHUNK
         fast: dict[str, Any] = dict(chunk_size=chunk, backend=backend)
+        if sharding is not None:
+            fast.update(reducer=sharding.reducer(active, device))
         if full:
             # The step writes the new state straight into the flat buffers, and the point into a
             # kept buffer, so a step allocates nothing of the parameters' size.

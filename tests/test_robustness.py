@@ -87,3 +87,66 @@ def test_copy_in_eval_mode_keeps_the_mode(lopt) -> None:
     opt.step()
     twin.step()
     assert all(torch.equal(a, b) for a, b in zip(params, twin.params))
+
+
+# ---------------------------------------------------------------------------------- foreign state, state_dtype
+
+
+def _adam_state_dict(params: list[torch.Tensor], steps: int) -> dict:
+    adam = torch.optim.Adam(params, lr=1e-3)
+    for i in range(steps):
+        _set_grads(params, i)
+        adam.step()
+    return adam.state_dict()
+
+
+@pytest.mark.parametrize("adam_steps", [0, 2])
+@pytest.mark.parametrize("own_steps", [0, 2])
+def test_load_state_dict_refuses_another_optimizers_state(lopt, adam_steps: int, own_steps: int) -> None:
+    params = list(_model().parameters())
+    foreign = _adam_state_dict(list(_model(1).parameters()), adam_steps)
+    opt = HierarchicalRNNOptimizer(params, weights=lopt, lr=0.5, backend="eager")
+    for i in range(own_steps):
+        _set_grads(params, i)
+        opt.step()
+    before = opt.state_dict()
+    match = "not written by HierarchicalRNNOptimizer" + (".*exp_avg" if adam_steps else "") + ".*betas"
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(foreign)
+    # Nothing changed: the lr multiplier is still ours, not Adam's 0.001.
+    assert [g["lr"] for g in opt.param_groups] == [0.5]
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert after["state"].keys() == before["state"].keys()
+
+
+def test_load_state_dict_accepts_its_own_state_through_torch_save(lopt) -> None:
+    params = list(_model().parameters())
+    opt = HierarchicalRNNOptimizer(params, weights=lopt, lr=0.5, backend="eager")
+    fresh = HierarchicalRNNOptimizer(list(_model().parameters()), weights=lopt, lr=0.9, backend="eager")
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)  # before the first step: no flat state yet, only the marker says whose it is
+    buf.seek(0)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert fresh.param_groups[0]["lr"] == 0.5
+    with pytest.raises(ValueError, match="found keys"):
+        fresh.load_state_dict({"model": {}})
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool, torch.complex64, torch.uint8])
+def test_state_dtype_must_be_floating(dtype: torch.dtype) -> None:
+    p = nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match=r"Invalid state_dtype=torch\.\w+.*torch\.bfloat16"):
+        HierarchicalRNNOptimizer([p], weights=HierarchicalRNN(), state_dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_every_accepted_state_dtype_steps(dtype: torch.dtype) -> None:
+    params = list(_model().parameters())
+    opt = HierarchicalRNNOptimizer(params, weights=HierarchicalRNN(), state_dtype=dtype, backend="eager")
+    start = [p.detach().clone() for p in params]
+    for i in range(3):
+        _set_grads(params, i)
+        opt.step()
+    assert opt.hrnn_state["h_param"].dtype == dtype
+    assert all(torch.isfinite(p).all() and not torch.equal(p, s) for p, s in zip(params, start))
