@@ -1,5 +1,6 @@
 # Two entry points: `make demo` trains with the learned optimizer, `make test` runs the suite.
-# Both build .venv on first use; torch 2.13.0 goes in first so that no CUDA build is pulled in.
+# Both build .venv on first use; torch 2.13.0 goes in first so that no CUDA build is pulled in,
+# and the fused CPU kernel is compiled then, not in the first training step (a failure is not fatal).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,6 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
+	-$(VENV)/bin/lightning-lopt-build-kernel
 	touch $@
 
 .PHONY: install demo test bench-speed

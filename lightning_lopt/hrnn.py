@@ -518,9 +518,8 @@ class HierarchicalRNN(nn.Module):
             backend: How the element-level part runs without autograd: ``"cpp"`` (the fused C++
                 kernel, built on first use; CPU, float32 compute, float32 or bfloat16 state),
                 ``"eager"`` (chunked torch operations), ``"compiled"`` (chunks through
-                ``torch.compile``), or ``"auto"``: the C++ kernel where it applies and is already
-                built (or the layout has at least :data:`CPP_BUILD_MIN_PARAMS` elements, which
-                makes it worth building), else eager. Where the chosen backend does not apply or fails to build, the step
+                ``torch.compile``), or ``"auto"``: the C++ kernel wherever it applies (built on first
+                use, once per machine; whatever the cache holds), else eager. Where the chosen backend does not apply or fails to build, the step
                 runs eagerly (a failed build or compilation warns once). With autograd on, the step
                 is always the eager reference.
         """
@@ -555,10 +554,9 @@ class HierarchicalRNN(nn.Module):
         if wants_cpp and _cpp_applies(state, point, grad, out, dtype):
             from lightning_lopt import kernels
 
-            # "auto" compiles the kernel (about a minute, once per machine) only for a model large
-            # enough to earn it back soon; a small model's first step must not wait for it.
-            if backend == "cpp" or n >= CPP_BUILD_MIN_PARAMS or kernels.cpu_kernel_cached():
-                cpp = kernels.cpu_kernel()
+            # "auto" takes the kernel wherever it applies, building it on first use (once per
+            # machine): a rule that looked at the cache made results depend on the machine's history.
+            cpp = kernels.cpu_kernel()
         if out is not None:
             new = out
         elif chunk < n or cpp is not None:
@@ -778,11 +776,6 @@ DEFAULT_CHUNK = 8192
 """Elements per chunk of the eager element-level part without autograd: its temporaries (a few
 dozen values per element) then stay in the L2 cache, and no step allocates or page-faults large
 buffers."""
-
-CPP_BUILD_MIN_PARAMS = 100_000
-"""Size from which ``backend="auto"`` builds the C++ kernel when it is not yet in the extension
-cache: the build (about 45 s on a 2-core machine) is then repaid within a few hundred steps."""
-
 
 class _Constants(NamedTuple):
     """The Python constants of the element-level part (a compiled kernel is specialised on them)."""

@@ -176,20 +176,22 @@ def test_auto_picks_kernel_only_where_it_applies() -> None:
         lopt.step(state, point, point, layout, backend="fast")
 
 
-def test_auto_does_not_build_for_a_small_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without a cached build, "auto" keeps a small model eager rather than compile for a minute."""
-
-    def no_build(warn: bool = True) -> None:
-        raise AssertionError("auto must not build the kernel for a small model")
-
-    monkeypatch.setattr(kernels, "cpu_kernel_cached", lambda: False)
-    monkeypatch.setattr(kernels, "cpu_kernel", no_build)
+@pytest.mark.parametrize("cached", [False, True])
+def test_auto_backend_does_not_depend_on_the_cache(monkeypatch: pytest.MonkeyPatch, cached: bool) -> None:
+    """A small model steps with the same backend, so to the same result, on a fresh machine and a warm one."""
+    monkeypatch.setattr(kernels, "cpu_kernel_cached", lambda: cached)
     lopt = HierarchicalRNN()
     layout = Layout.build([100, 20])
-    point = torch.randn(120)
+    point = torch.randn(120, generator=torch.Generator().manual_seed(0))
+
+    def fresh() -> HRNNState:
+        return lopt.init_state(layout, theta=point, generator=torch.Generator().manual_seed(1))
+
     with torch.no_grad():
-        lopt.step(lopt.init_state(layout, theta=point), point, point, layout)
-    assert lopt.last_backend == "eager"
+        out = lopt.step(fresh(), point, point, layout)
+        assert lopt.last_backend == "cpp"
+        reference = lopt.step(fresh(), point, point, layout, backend="cpp")
+    assert torch.equal(out.point, reference.point)
 
 
 def test_build_failure_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -199,6 +201,7 @@ def test_build_failure_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPat
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(cpp_extension, "load", broken_load)
+    monkeypatch.setattr(kernels, "cpu_kernel_cached", lambda: False)  # else the cached build is imported
     monkeypatch.setattr(kernels, "_module", None)
     monkeypatch.setattr(kernels, "_failed", False)
     lopt = HierarchicalRNN()
