@@ -83,6 +83,14 @@ def _compute_dtype(params: list[Tensor]) -> torch.dtype:
     return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
 
+def _abs_max(x: Tensor) -> float:
+    """``max(abs(x))`` from one fused min/max pass; ``inf`` when ``x`` holds a NaN or an infinity."""
+    if x.numel() == 0:
+        return 0.0
+    low, high = (v.item() for v in torch.aminmax(x))
+    return max(-low, high) if math.isfinite(low) and math.isfinite(high) else math.inf
+
+
 def _all_finite(x: Tensor) -> bool:
     # One fused min/max pass: NaN propagates into both and an infinity shows in one of them, where
     # isfinite().all() makes three passes and a mask of the parameters' size.
@@ -203,6 +211,7 @@ class HierarchicalRNNOptimizer(Optimizer):
         self.last_diagnostics_tensors: Optional[list[int]] = None
         self._diagnostics_requested = False
         self._warned_nonfinite = False
+        self._warned_nonfinite_update = False
         self._layout_cache: dict[Any, Layout] = {}
         self._training = True
         if backend not in BACKENDS:
@@ -233,7 +242,7 @@ class HierarchicalRNNOptimizer(Optimizer):
 
     @property
     def skipped_steps(self) -> int:
-        """Steps skipped because a gradient was not finite."""
+        """Steps skipped because a gradient or the update was not finite (parameters and state unchanged)."""
         st = self.hrnn_state
         return 0 if st is None else int(st["skipped"])
 
@@ -413,6 +422,50 @@ class HierarchicalRNNOptimizer(Optimizer):
             self._hyper_cache = (key, lr, wd)
         return self._hyper_cache[1], self._hyper_cache[2]
 
+    def _may_overflow(
+        self, st: dict[str, Any], point: Tensor, grad_max: float, act_params: list[Tensor], active: list[int]
+    ) -> bool:
+        """Whether this step's state or update could leave the range of their dtypes.
+
+        A bound, from one pass over the true parameters: the squared momenta (in the mean squares)
+        are below ``grad_max ** 2`` and each normalised update is below
+        ``lr * exp(log_lr_high + step_offset) * sqrt(tensor size)``.
+        """
+        state_max = min(torch.finfo(self.state_dtype).max, torch.finfo(point.dtype).max)
+        if grad_max >= math.sqrt(state_max) / 4:
+            return True
+        hyper = [(float(g["lr"]), float(g["weight_decay"])) for g in self.param_groups for _ in g["params"]]
+        lr_max = max(hyper[i][0] for i in active)
+        decay_max = max(hyper[i][0] * hyper[i][1] for i in active)
+        theta = st.get("theta")
+        theta_max = _abs_max(theta if theta is not None else point)
+        cst = self.lopt._constants()
+        exponent = cst.log_lr_high + max(float(self.lopt.step_offset), 0.0)
+        size = max(p.numel() for p in act_params)
+        bound = theta_max * (1.0 + decay_max) + lr_max * math.exp(min(exponent, 700.0)) * math.sqrt(size)
+        return not bound < min(torch.finfo(p.dtype).max for p in act_params) / 4
+
+    def _finite_result(self, out: Any, act_params: list[Tensor], check_state: bool) -> bool:
+        """Whether the new point fits each parameter's dtype and the new true parameters (and, for a
+        step into fresh buffers, the new state) are finite."""
+        point = out.point
+        dtypes = {p.dtype for p in act_params}
+        if len(dtypes) == 1:
+            if not _abs_max(point) <= torch.finfo(next(iter(dtypes))).max:
+                return False
+        else:
+            if not math.isfinite(_abs_max(point)):
+                return False
+            widest = torch.finfo(point.dtype).max
+            for v, p in zip(self._split(point, act_params), act_params):
+                limit = torch.finfo(p.dtype).max
+                if limit < widest and not _abs_max(v) <= limit:  # would round to infinity in p's dtype
+                    return False
+        fields = _TENSOR_FIELDS if check_state else ("theta",)
+        return all(
+            math.isfinite(_abs_max(getattr(out.state, k))) for k in fields if getattr(out.state, k) is not None
+        )
+
     @staticmethod
     def _check_grad(p: Tensor) -> None:
         g = p.grad
@@ -472,7 +525,8 @@ class HierarchicalRNNOptimizer(Optimizer):
         act_params = [params[i] for i in active]
         dtype = _compute_dtype(params)
         grad = torch.cat([local_tensor(full_params[i].grad).reshape(-1).to(dtype) for i in active])
-        finite = grad.numel() == 0 or _all_finite(grad)
+        grad_max = _abs_max(grad)
+        finite = math.isfinite(grad_max)
         if sharding is not None:
             finite = sharding.all_finite(finite, device)  # ranks skip together, or their collectives part ways
         if not finite:
@@ -520,7 +574,9 @@ class HierarchicalRNNOptimizer(Optimizer):
         fast: dict[str, Any] = dict(chunk_size=chunk, backend=backend)
         if sharding is not None:
             fast.update(reducer=sharding.reducer(active, device))
-        if full:
+        # A step that could overflow writes into fresh buffers, committed only if finite.
+        in_place = full and not self._may_overflow(st, point, grad_max, act_params, active)
+        if in_place:
             # The step writes the new state straight into the flat buffers, and the point into a
             # kept buffer, so a step allocates nothing of the parameters' size.
             if self._point_buffer is None or self._point_buffer.shape != point.shape:
@@ -528,6 +584,26 @@ class HierarchicalRNNOptimizer(Optimizer):
             fast.update(out=state, out_point=self._point_buffer)
         out = self.lopt.step(state, point, grad, layout, lr=lr, weight_decay=wd, diagnostics=diagnostics, **fast)
         new = out.state
+        finite = self._finite_result(out, act_params, check_state=not in_place)
+        if sharding is not None:
+            finite = sharding.all_finite(finite, device)
+        if not finite:
+            if in_place:  # not foreseen by _may_overflow: the state is already overwritten
+                fresh = self._init_state(full_params)
+                st.update({k: v for k, v in fresh.items() if k in _TENSOR_FIELDS})
+            st["skipped"] += 1
+            if not self._warned_nonfinite_update:
+                warnings.warn(
+                    "HierarchicalRNNOptimizer skipped a step whose update was not finite in the parameters' "
+                    f"precision (lr={max(float(g['lr']) for g in self.param_groups):g} too large, or parameters near "
+                    "the largest value of their dtype); parameters and state are unchanged. Further skips are "
+                    "counted in optimizer.skipped_steps without a warning.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._warned_nonfinite_update = True
+            self._diagnostics_requested = False
+            return loss
         if full:
             for k in _TENSOR_FIELDS:
                 if st[k] is not None and getattr(new, k) is not st[k]:  # the fast path wrote in place

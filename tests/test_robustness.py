@@ -150,3 +150,101 @@ def test_every_accepted_state_dtype_steps(dtype: torch.dtype) -> None:
         opt.step()
     assert opt.hrnn_state["h_param"].dtype == dtype
     assert all(torch.isfinite(p).all() and not torch.equal(p, s) for p, s in zip(params, start))
+
+
+# ---------------------------------------------------------------------------------- non-finite updates
+
+
+def _mse(model: nn.Module, step: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(step)
+    return nn.functional.mse_loss(model(torch.randn(8, 6, generator=gen)), torch.randn(8, 3, generator=gen))
+
+
+@pytest.mark.parametrize("lr", [1e30, 1e38, float("inf")])
+@pytest.mark.parametrize("attention", [True, False])
+def test_huge_lr_never_writes_nonfinite_parameters(lr: float, attention: bool) -> None:
+    model = _model()
+    opt = HierarchicalRNNOptimizer(model.parameters(), weights=HierarchicalRNN(attention=attention), lr=lr)
+    # lr=1e30 takes a finite first step to about 1e27, after which the gradients overflow instead.
+    with pytest.warns(RuntimeWarning, match="non-finite gradient|update was not finite") as record:
+        for i in range(6):
+            opt.zero_grad()
+            _mse(model, i).backward()
+            opt.step()
+            assert all(torch.isfinite(p).all() for p in model.parameters()), f"step {i}"
+            assert all(torch.isfinite(v).all() for v in opt.hrnn_state.values() if isinstance(v, torch.Tensor))
+    assert opt.skipped_steps >= 1
+    for kind in ("non-finite gradient", "update was not finite"):
+        assert len([w for w in record if kind in str(w.message)]) <= 1  # once, then counted
+    opt.eval()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_skipped_update_is_as_if_the_step_never_happened(lopt) -> None:
+    params = list(_model().parameters())
+    opt = HierarchicalRNNOptimizer(params, weights=lopt, backend="eager")
+    for i in range(2):
+        _set_grads(params, i)
+        opt.step()
+    twin = copy.deepcopy(opt)
+    before = copy.deepcopy(opt.state_dict())
+    values = [p.detach().clone() for p in params]
+    opt.param_groups[0]["lr"] = float("inf")
+    _set_grads(params, 2)
+    with pytest.warns(RuntimeWarning, match="update was not finite"):
+        opt.step()
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(p, v) for p, v in zip(params, values))
+    after = opt.state_dict()
+    for k, v in before["state"]["hrnn"].items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(after["state"]["hrnn"][k], v), k
+    # Back to a sane lr, the optimizer continues exactly like one that never saw the skipped step.
+    opt.param_groups[0]["lr"] = 1.0
+    for i in range(3, 6):
+        _set_grads(params, i)
+        _set_grads(twin.params, i)
+        opt.step()
+        twin.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, twin.params))
+
+
+@pytest.mark.parametrize("dtype, lr", [(torch.float16, 1e30), (torch.bfloat16, float("inf"))])
+def test_update_past_a_half_precision_limit_is_skipped(dtype: torch.dtype, lr: float) -> None:
+    limit = torch.finfo(dtype).max
+    p = nn.Parameter(torch.full((4, 5), limit * 0.99, dtype=dtype))
+    q = nn.Parameter(torch.randn(5))  # a float32 parameter next to it: mixed precision
+    opt = HierarchicalRNNOptimizer([p, q], weights=HierarchicalRNN(), lr=lr)
+    p.grad = torch.ones_like(p)
+    q.grad = torch.ones_like(q)
+    with pytest.warns(RuntimeWarning, match="update was not finite"):
+        opt.step()
+    assert opt.skipped_steps == 1
+    assert torch.equal(p, torch.full_like(p, limit * 0.99)) and torch.isfinite(q).all()
+
+
+def test_gradients_too_large_for_the_mean_squares_are_skipped(lopt) -> None:
+    params = list(_model().parameters())
+    opt = HierarchicalRNNOptimizer(params, weights=lopt)
+    values = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.full_like(p, 1e30)  # finite, but its square is not in float32
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        opt.step()
+    assert opt.skipped_steps == 1 and all(torch.equal(p, v) for p, v in zip(params, values))
+    assert all(torch.isfinite(v).all() for v in opt.hrnn_state.values() if isinstance(v, torch.Tensor))
+
+
+def test_an_unforeseen_nonfinite_in_place_step_restarts_the_state(lopt, monkeypatch) -> None:
+    params = list(_model().parameters())
+    opt = HierarchicalRNNOptimizer(params, weights=lopt, backend="eager")
+    _set_grads(params, 0)
+    opt.step()
+    monkeypatch.setattr(HierarchicalRNNOptimizer, "_may_overflow", lambda self, *args: False)
+    values = [p.detach().clone() for p in params]
+    opt.param_groups[0]["lr"] = float("inf")
+    _set_grads(params, 1)
+    with pytest.warns(RuntimeWarning, match="update was not finite"):
+        opt.step()
+    assert opt.skipped_steps == 1 and all(torch.equal(p, v) for p, v in zip(params, values))
+    assert all(torch.isfinite(v).all() for v in opt.hrnn_state.values() if isinstance(v, torch.Tensor))
