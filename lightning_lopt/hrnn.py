@@ -22,7 +22,7 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from lightning_lopt.optimizer import HierarchicalRNNOptimizer
 
-__all__ = ["BiasGRU", "HierarchicalRNN", "HRNNState", "Layout", "StepDiagnostics", "StepOutput"]
+__all__ = ["BiasGRU", "HierarchicalRNN", "HRNNState", "Layout", "StepDiagnostics", "StepOutput", "StepReducer"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
@@ -98,6 +98,7 @@ class Layout:
         sizes: Sequence[int],
         problems: Optional[Sequence[int]] = None,
         device: Union[torch.device, str, None] = None,
+        counts: Optional[Sequence[int]] = None,
     ) -> "Layout":
         """Make a layout.
 
@@ -105,9 +106,16 @@ class Layout:
             sizes: Number of elements of each tensor, in flat order (all positive).
             problems: Problem index of each tensor (``0 .. P-1``); ``None`` means one problem.
             device: Where the index tensors live.
+            counts: Elements of each whole tensor, which the means divide by (default ``sizes``):
+                when the flat vector holds one shard of each tensor, the whole tensors' sizes; a
+                shard may then be empty.
         """
         sizes = tuple(int(s) for s in sizes)
-        if not sizes or min(sizes) <= 0:
+        if counts is not None:
+            counts = tuple(int(c) for c in counts)
+            if len(counts) != len(sizes) or any(c <= 0 or s < 0 or s > c for s, c in zip(sizes, counts)):
+                raise ValueError(f"Shard sizes {sizes} do not fit whole-tensor counts {counts}.")
+        elif not sizes or min(sizes) <= 0:
             raise ValueError(f"A layout needs at least one tensor and no empty tensors, got sizes {sizes}.")
         problems = [0] * len(sizes) if problems is None else [int(p) for p in problems]
         if len(problems) != len(sizes):
@@ -118,7 +126,7 @@ class Layout:
         size_t = torch.tensor(sizes, dtype=torch.long, device=device)
         problem_ids = torch.tensor(problems, dtype=torch.long, device=device)
         tensor_ids = torch.repeat_interleave(torch.arange(len(sizes), device=device), size_t)
-        counts = size_t.to(torch.float32)
+        counts = size_t.to(torch.float32) if counts is None else torch.tensor(counts, dtype=torch.float32, device=device)
         problem_elements = torch.zeros(num_problems, device=device).index_add_(0, problem_ids, counts)
         problem_tensors = torch.zeros(num_problems, device=device).index_add_(0, problem_ids, torch.ones_like(counts))
         return Layout(sizes, problem_ids, tensor_ids, counts, problem_elements, problem_tensors, num_problems)
@@ -149,6 +157,24 @@ class Layout:
         """Mean over each tensor's elements of ``values`` (shape ``(N, ...)``) -> ``(T, ...)``."""
         total = values.new_zeros((self.num_tensors, *values.shape[1:])).index_add(0, self.tensor_ids, values)
         return total / self.tensor_counts.to(values.dtype).view(-1, *([1] * (values.dim() - 1)))
+
+
+class StepReducer:
+    """Completes the sums of a step that sees only part of a problem (sharded parameters).
+
+    The step sums over its own elements and tensors; a reducer adds the other parts' sums, so
+    that the same update rule serves a whole problem or one rank's part of it. With a reducer,
+    the layout's counts are the whole tensors' (see ``Layout.build(counts=...)``). This base
+    class reduces nothing; :class:`lightning_lopt.sharding.ShardReducer` reduces across ranks.
+    """
+
+    def tensor_sums(self, x: Tensor) -> Tensor:
+        """Complete ``(T, ...)`` per-tensor sums (parts of a tensor held elsewhere)."""
+        return x
+
+    def problem_sums(self, x: Tensor) -> Tensor:
+        """Complete ``(P, ...)`` per-problem sums (tensors of the problem held elsewhere)."""
+        return x
 
 
 class HRNNState(NamedTuple):
@@ -489,6 +515,7 @@ class HierarchicalRNN(nn.Module):
         out: Optional[HRNNState] = None,
         out_point: Optional[Tensor] = None,
         backend: str = "auto",
+        reducer: Optional[StepReducer] = None,
     ) -> StepOutput:
         """One optimizer step over a flat vector. Pure and differentiable.
 
@@ -522,6 +549,8 @@ class HierarchicalRNN(nn.Module):
                 use, once per machine; whatever the cache holds), else eager. Where the chosen backend does not apply or fails to build, the step
                 runs eagerly (a failed build or compilation warns once). With autograd on, the step
                 is always the eager reference.
+            reducer: Completes the per-tensor and per-problem sums when ``state`` and ``grad``
+                cover only part of the problem (sharded parameters); None: they cover it all.
         """
         dtype = point.dtype
         cst = self._constants()
@@ -535,7 +564,15 @@ class HierarchicalRNN(nn.Module):
             raise ValueError(f"Unknown backend {backend!r}; expected one of {_BACKENDS}.")
 
         # ---- prelude (per tensor): problem-mean log lr, injected biases, lr and decay per tensor.
-        lr_mean_p = layout.problem_sum(state.log_lr, dtype) / layout.problem_elements.to(dtype)
+        if reducer is None:
+            lr_mean_p = layout.problem_sum(state.log_lr, dtype) / layout.problem_elements.to(dtype)
+        else:
+            # Per tensor first: shards of one tensor are summed across ranks before the problem sum.
+            lr_t_sum = reducer.tensor_sums(state.log_lr.new_zeros(t_count, dtype=dtype).index_add(0, tid, state.log_lr.to(dtype)))
+            lr_p = lr_t_sum.new_zeros(layout.num_problems).index_add(0, pid, lr_t_sum)
+            # The element counts travel with the sums: under ZeRO each rank counts only its tensors.
+            lr_p = reducer.problem_sums(torch.stack([lr_p, layout.problem_elements.to(dtype)], 1))
+            lr_mean_p = lr_p[:, 0] / lr_p[:, 1]
         # The tensor and global RNNs run in the meta-parameters' precision; the element level in
         # the point's (float64 parameters keep float64 updates).
         rnn_dtype = self.h0_tensor.dtype
@@ -603,13 +640,19 @@ class HierarchicalRNN(nn.Module):
             sums.index_add_(0, tid[sl], red)
 
         # ---- epilogue (per tensor): RMS of the directions, tensor RNN, global RNN.
+        if reducer is not None:
+            sums = reducer.tensor_sums(sums)
         means = sums / layout.tensor_counts.to(dtype).unsqueeze(1)
         rs_d = torch.rsqrt(means[:, -1 - int(cst.attention)] + self.epsilon)
         rs_a = torch.rsqrt(means[:, -1] + self.epsilon) if cst.attention else rs_d
         tensor_in = means[:, : hp + self.num_features]
         new_h_tensor = self.tensor_rnn(tensor_in.to(rnn_dtype), h_tensor, self.global_to_tensor(h_global_t))
         global_in = new_h_tensor.new_zeros(layout.num_problems, new_h_tensor.shape[-1]).index_add(0, pid, new_h_tensor)
-        global_in = global_in / layout.problem_tensors.to(rnn_dtype).unsqueeze(-1)
+        if reducer is None:
+            global_in = global_in / layout.problem_tensors.to(rnn_dtype).unsqueeze(-1)
+        else:
+            global_in = reducer.problem_sums(torch.cat([global_in, layout.problem_tensors.to(rnn_dtype).unsqueeze(-1)], 1))
+            global_in = global_in[:, :-1] / global_in[:, -1:]
         new_h_global = self.global_rnn(global_in, h_global)
         update_table = torch.stack([rs_d, rs_a, lr_t * wd_t], 1)
 
