@@ -9,6 +9,7 @@ Examples::
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Any, Optional
 
@@ -57,8 +58,13 @@ class LightningLoptCLI(LightningCLI):
             )
             super().instantiate_classes()
 
+    def before_fit(self) -> None:
+        """Start the clock that the final line reports."""
+        self._fit_start = time.perf_counter()
+
     def after_fit(self) -> None:
-        """Validate the final model and print its validation accuracy (or its other validation metrics)."""
+        """Validate the final model and print its validation accuracy (or other validation metrics) and the fit's time."""
+        seconds = time.perf_counter() - getattr(self, "_fit_start", time.perf_counter())
         trainer = self.trainer
         if trainer.interrupted or not is_overridden("validation_step", self.model):
             return
@@ -68,19 +74,21 @@ class LightningLoptCLI(LightningCLI):
         if not trainer.is_global_zero or not results:
             return
         metrics = {k: float(v) for k, v in results[0].items()}
-        line = _final_line(metrics, trainer.global_step)
+        line = _final_line(metrics, trainer.global_step, seconds)
         if line:
             print(line, flush=True)
 
 
-def _final_line(metrics: dict[str, float], step: int) -> Optional[str]:
+def _final_line(metrics: dict[str, float], step: int, seconds: Optional[float] = None) -> Optional[str]:
+    # The fit's wall time is printed so that run times quoted in the docs come from this line.
+    took = "" if seconds is None else f" (fit: {seconds:.1f} s)"
     acc = {k: v for k, v in metrics.items() if "acc" in k}
     if acc:
         body = ", ".join(f"{k}={v:.4f}" for k, v in acc.items())
-        return f"Final validation accuracy after {step} steps: {body}"
+        return f"Final validation accuracy after {step} steps: {body}{took}"
     if metrics:
         body = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-        return f"Final validation metrics after {step} steps: {body}"
+        return f"Final validation metrics after {step} steps: {body}{took}"
     return None
 
 

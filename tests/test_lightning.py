@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import subprocess
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -438,13 +439,45 @@ def test_configs_parse(name: str, optimizer: type, tmp_path: Path, cli_argv: Non
     assert isinstance(cli.model, MLPClassifier) and isinstance(cli.datamodule, MNIST1DDataModule)
     assert cli.model.hparams.hidden_dims == [100, 100]
     assert cli.config.torch_num_threads == 1 and torch.get_num_threads() == 1
-    assert any(isinstance(cb, TQDMProgressBar) for cb in cli.trainer.callbacks)
+    assert isinstance(cli.trainer.progress_bar_callback, TQDMProgressBar)  # Lightning's default bar
     has_eval = any(isinstance(cb, EvalWithTrueParameters) for cb in cli.trainer.callbacks)
     assert has_eval == (optimizer is HierarchicalRNNOptimizer)
     opt = cli.model.configure_optimizers()
     assert type(opt) is optimizer
     if optimizer is torch.optim.Adam:
         assert opt.param_groups[0]["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_configs_accept_the_cli_progress_bar_switch(name: str, tmp_path: Path, cli_argv: None) -> None:
+    """`--trainer.enable_progress_bar false` works with every shipped config (no hard-coded bar callback)."""
+    cli = build_cli(
+        ["-c", str(CONFIGS / name), "--trainer.enable_progress_bar=false", "--trainer.logger=false",
+         f"--trainer.default_root_dir={tmp_path}"],
+        run=False,
+    )
+    assert cli.trainer.progress_bar_callback is None
+
+
+def test_wandb_config_writes_nothing_into_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli_argv: None
+) -> None:
+    """The W&B config keeps its files (and the CLI's config.yaml) under runs/, which git ignores."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")  # WandbLogger(offline=True) sets it for the process
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    try:
+        main(["fit", "-c", str(CONFIGS / "mnist1d_hrnn_wandb.yaml"), "--trainer.max_steps=2",
+              "--trainer.enable_progress_bar=false", *[a for a in TINY_RUN if "logger" not in a]])
+    finally:
+        wandb.finish()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+    run_dir = tmp_path / "runs" / "mnist1d_hrnn_wandb"
+    assert (run_dir / "config.yaml").exists()
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+    ignored = subprocess.run(["git", "check-ignore", "-q", "runs/mnist1d_hrnn_wandb/config.yaml"], cwd=ROOT)
+    assert ignored.returncode == 0
 
 
 def test_cli_fit_runs_config_and_prints_validation_accuracy(
@@ -463,6 +496,7 @@ def test_cli_fit_runs_config_and_prints_validation_accuracy(
     assert "Final validation accuracy after 3 steps: val_acc=" in out
     acc = float(out.split("val_acc=")[-1].split()[0])
     assert 0.0 <= acc <= 1.0
+    assert float(out.split("(fit: ")[-1].split(" s)")[0]) > 0  # README run times come from this line
     assert (tmp_path / "config.yaml").exists()
     (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
     loaded = torch.load(ckpt, weights_only=True)
