@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from pathlib import Path
@@ -128,6 +129,15 @@ def _check_own_state_dict(sd: Any) -> None:
     )
 
 
+def _from_lightning(closure: Any) -> bool:
+    # Lightning's precision plugins hand step() a functools.partial of one of their methods.
+    fn = closure
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    return module.split(".")[0] in ("lightning", "pytorch_lightning")
+
+
 class HierarchicalRNNOptimizer(Optimizer):
     """The hierarchical RNN learned optimizer (Wichrowska et al., 2017) as a torch optimizer.
 
@@ -135,7 +145,9 @@ class HierarchicalRNNOptimizer(Optimizer):
     in flat buffers. With attention (the default weights use it), gradients are taken at a
     learned look-ahead point: in train mode the model holds that point, in eval mode the true
     parameters. Call :meth:`eval` before evaluating or saving a model and :meth:`train` before
-    training again, or use :class:`lightning_lopt.callbacks.EvalWithTrueParameters`.
+    training again, or use :class:`lightning_lopt.callbacks.EvalWithTrueParameters`. Stepped by a
+    Lightning Trainer with attention while neither that callback nor anything else has called
+    :meth:`train` or :meth:`eval`, the optimizer warns once, saying what to add.
 
     Args:
         params: Parameters or parameter groups to optimise.
@@ -212,6 +224,9 @@ class HierarchicalRNNOptimizer(Optimizer):
         self._diagnostics_requested = False
         self._warned_nonfinite = False
         self._warned_nonfinite_update = False
+        # Set once anything switches modes (EvalWithTrueParameters does on train start): until then,
+        # a step from a Lightning Trainer means validation and checkpoints would see the look-ahead point.
+        self._modes_managed = False
         self._layout_cache: dict[Any, Layout] = {}
         self._training = True
         if backend not in BACKENDS:
@@ -275,12 +290,14 @@ class HierarchicalRNNOptimizer(Optimizer):
 
     def train(self) -> None:
         """Put the model at the attended point, where training gradients are taken."""
+        self._modes_managed = True
         if not self._training:
             self._swap()
             self._training = True
 
     def eval(self) -> None:
         """Put the model at the true parameters, for evaluation and saving."""
+        self._modes_managed = True
         if self._training:
             self._swap()
             self._training = False
@@ -495,6 +512,18 @@ class HierarchicalRNNOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+            if not self._modes_managed and self.lopt.attention and _from_lightning(closure):
+                warnings.warn(
+                    "HierarchicalRNNOptimizer is stepped by a Lightning Trainer without the EvalWithTrueParameters "
+                    "callback: with attention the model holds the look-ahead point while it trains, so validation, "
+                    "checkpoints and the model after fit would not hold the trained parameters. Add "
+                    "`from lightning_lopt.callbacks import EvalWithTrueParameters` and "
+                    "`pl.Trainer(callbacks=[EvalWithTrueParameters()])` (or call optimizer.eval() and "
+                    "optimizer.train() yourself).",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                self._modes_managed = True  # warn once
         if not self._training and self.lopt.attention:
             raise RuntimeError(
                 "HierarchicalRNNOptimizer.step() was called in eval mode, where the model holds the true "
@@ -628,7 +657,7 @@ class HierarchicalRNNOptimizer(Optimizer):
     # ------------------------------------------------------------------ copy and pickle
 
     # Caches keyed by tensor identity or tied to a device: a copy rebuilds them on its first step.
-    _TRANSIENT = ("_layout_cache", "_point_buffer", "_hyper_cache")
+    _TRANSIENT = ("_layout_cache", "_point_buffer", "_hyper_cache", "_sharding_cache")
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer keeps only defaults, state and param_groups, which loses the learned
@@ -640,6 +669,6 @@ class HierarchicalRNNOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        for k in self._TRANSIENT:
+            setattr(self, k, None)
         self._layout_cache = {}
-        self._point_buffer = None
-        self._hyper_cache = None

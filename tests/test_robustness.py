@@ -6,11 +6,14 @@ import io
 import pickle
 import warnings
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lopt import HierarchicalRNN, HierarchicalRNNOptimizer
+from lightning_lopt.callbacks import EvalWithTrueParameters
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -248,3 +251,63 @@ def test_an_unforeseen_nonfinite_in_place_step_restarts_the_state(lopt, monkeypa
         opt.step()
     assert opt.skipped_steps == 1 and all(torch.equal(p, v) for p, v in zip(params, values))
     assert all(torch.isfinite(v).all() for v in opt.hrnn_state.values() if isinstance(v, torch.Tensor))
+
+
+# ---------------------------------------------------------------------------------- EvalWithTrueParameters forgotten
+
+
+class _Tiny(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Linear(4, 2)
+        gen = torch.Generator().manual_seed(0)
+        self.data = TensorDataset(torch.randn(32, 4, generator=gen), torch.randn(32, 2, generator=gen))
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", nn.functional.mse_loss(self.net(batch[0]), batch[1]))
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=8)
+
+    def val_dataloader(self):
+        return DataLoader(self.data, batch_size=16)
+
+    def configure_optimizers(self):
+        return HierarchicalRNNOptimizer(self.parameters(), weights=HierarchicalRNN())
+
+
+def _fit(tmp_path, callbacks: list, precision: str = "32-true") -> list[str]:
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+        callbacks=callbacks, precision=precision,
+    )
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(_Tiny())
+    return [str(w.message) for w in record if "EvalWithTrueParameters" in str(w.message)]
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_trainer_without_eval_callback_warns_once_saying_what_to_add(tmp_path, precision: str) -> None:
+    messages = _fit(tmp_path, [], precision)
+    assert len(messages) == 1  # eight steps, one warning
+    assert "callbacks=[EvalWithTrueParameters()]" in messages[0]
+
+
+def test_trainer_with_eval_callback_does_not_warn(tmp_path) -> None:
+    assert _fit(tmp_path, [EvalWithTrueParameters()]) == []
+
+
+def test_plain_torch_closure_does_not_warn(lopt) -> None:
+    model = _model()
+    opt = HierarchicalRNNOptimizer(model.parameters(), weights=lopt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i in range(2):
+            opt.zero_grad()
+            opt.step(lambda: _mse(model, i).backward())
