@@ -1143,7 +1143,14 @@ def _read_weights(path: Union[str, Path]) -> tuple[dict[str, Any], dict[str, Ten
     if not candidate.exists():
         raise FileNotFoundError(f"Weights file {candidate} does not exist.")
     if candidate.suffix == ".ckpt":
-        ckpt = torch.load(candidate, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(candidate, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch's reader names neither the file nor the likely cause
+            raise ValueError(
+                f"{candidate} is not a readable checkpoint (truncated or corrupted?): {type(err).__name__}: {err}"
+            ) from err
+        if not isinstance(ckpt, dict):
+            raise ValueError(f"{candidate} is not a Lightning checkpoint (it holds a {type(ckpt).__name__}).")
         hparams = ckpt.get("hyper_parameters", {})
         config = hparams.get("lopt_config")
         state = ckpt.get("state_dict", {})
@@ -1162,7 +1169,7 @@ def _read_weights(path: Union[str, Path]) -> tuple[dict[str, Any], dict[str, Ten
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # safetensors raises its own error types for corrupt headers
-        raise ValueError(f"{candidate} is not a readable safetensors file: {err}") from err
+        raise ValueError(f"{candidate} is not a readable safetensors file (truncated or corrupted?): {err}") from err
     if metadata.get("format") != "lightning_lopt.hrnn" or "config" not in metadata:
         raise ValueError(
             f"{candidate} is not a lightning_lopt HierarchicalRNN weights file (metadata {metadata}); "

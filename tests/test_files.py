@@ -1,0 +1,84 @@
+"""Shipped and user-supplied files: damaged weights files fail clearly; shipped checkpoints are portable."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_lopt import HierarchicalRNN, HierarchicalRNNOptimizer
+
+ROOT = Path(__file__).resolve().parents[1]
+META_CHECKPOINTS = sorted((ROOT / "meta_checkpoints").glob("*.ckpt"))
+
+
+def _damaged(source: Path, target: Path, how: str) -> Path:
+    data = source.read_bytes()
+    if how == "empty":
+        data = b""
+    elif how == "truncated_half":
+        data = data[: len(data) // 2]
+    elif how == "truncated_end":
+        data = data[:-7]
+    elif how == "garbage_header":
+        data = data[:8] + b"\xff" * 64 + data[72:]
+    target.write_bytes(data)
+    return target
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return HierarchicalRNN().save_pretrained(tmp_path_factory.mktemp("weights") / "w.safetensors")
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated_half", "truncated_end", "garbage_header"])
+def test_damaged_safetensors_names_the_file(weights_file: Path, tmp_path: Path, how: str) -> None:
+    bad = _damaged(weights_file, tmp_path / f"{how}.safetensors", how)
+    with pytest.raises(ValueError, match="truncated or corrupted") as err:
+        HierarchicalRNN.from_pretrained(bad)
+    assert str(bad) in str(err.value)
+    with pytest.raises(ValueError, match=str(bad).replace("\\", "\\\\")):
+        HierarchicalRNNOptimizer([torch.nn.Parameter(torch.zeros(3))], weights=str(bad))
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated_half", "truncated_end", "garbage_header"])
+def test_damaged_checkpoint_names_the_file(tmp_path: Path, how: str) -> None:
+    good = shutil.copy(META_CHECKPOINTS[0], tmp_path / "good.ckpt")
+    HierarchicalRNN.from_pretrained(good)  # the undamaged copy loads
+    bad = _damaged(Path(good), tmp_path / f"{how}.ckpt", how)
+    with pytest.raises(ValueError, match="truncated or corrupted") as err:
+        HierarchicalRNN.from_pretrained(bad)
+    assert str(bad) in str(err.value)
+
+
+def _strings(x: Any) -> Iterator[str]:
+    if isinstance(x, str):
+        yield x
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _strings(v)
+
+
+@pytest.mark.parametrize("path", META_CHECKPOINTS, ids=lambda p: p.name)
+def test_shipped_meta_checkpoints_resume_anywhere(path: Path, tmp_path: Path) -> None:
+    """No path of the machine that wrote them, so resuming elsewhere restores the top-k state silently."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert not [s for s in _strings(ckpt) if os.path.isabs(s)]
+    states = [v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint")]
+    assert states
+    for state in states:
+        callback = ModelCheckpoint(dirpath=tmp_path / "runs" / "checkpoints", monitor=state["monitor"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # Lightning warns "The dirpath has changed" otherwise
+            callback.load_state_dict(state)
+        assert callback.best_k_models == state["best_k_models"]
