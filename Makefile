@@ -9,6 +9,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
+	# Triton (the [gpu] extra) too, the version torch 2.13.0's CUDA build pins: the suite runs its
+	# kernels in Triton's interpreter on the CPU (tests/test_triton.py).
+	$(PY) -m pip install --quiet triton==3.7.1
 	$(PY) -m pip install --quiet -e ".[dev]"
 	-$(VENV)/bin/lightning-lopt-build-kernel
 	touch $@

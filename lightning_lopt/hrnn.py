@@ -368,7 +368,7 @@ class HierarchicalRNN(nn.Module):
         self.h0_tensor = nn.Parameter(torch.empty(ht).uniform_(-1.0, 1.0, generator=gen))
         self.h0_global = nn.Parameter(torch.empty(hg).uniform_(-1.0, 1.0, generator=gen))
         self.last_backend: Optional[str] = None
-        """Which path ran the element-level part of the last step: "cpp", "compiled" or "eager"."""
+        """Which path ran the element-level part of the last step: "cpp", "triton", "compiled" or "eager"."""
 
     @staticmethod
     def _affine(fan_in: int, fan_out: int, gen: torch.Generator) -> nn.Linear:
@@ -545,7 +545,10 @@ class HierarchicalRNN(nn.Module):
             backend: How the element-level part runs without autograd: ``"cpp"`` (the fused C++
                 kernel, built on first use; CPU, float32 compute, float32 or bfloat16 state),
                 ``"eager"`` (chunked torch operations), ``"compiled"`` (chunks through
-                ``torch.compile``), or ``"auto"``: the C++ kernel wherever it applies (built on first
+                ``torch.compile``), ``"triton"`` (the fused Triton kernels of
+                :mod:`lightning_lopt.kernels.triton_step`: a GPU, or CPU tensors under Triton's
+                interpreter; float32 compute, float32 or bfloat16 state), or ``"auto"``: the Triton
+                kernels on a GPU (eager, with a warning, where Triton is not installed), the C++ kernel wherever it applies (built on first
                 use, once per machine; whatever the cache holds), else eager. Where the chosen backend does not apply or fails to build, the step
                 runs eagerly (a failed build or compilation warns once). With autograd on, the step
                 is always the eager reference.
@@ -594,9 +597,10 @@ class HierarchicalRNN(nn.Module):
             # "auto" takes the kernel wherever it applies, building it on first use (once per
             # machine): a rule that looked at the cache made results depend on the machine's history.
             cpp = kernels.cpu_kernel()
+        tri = _triton_kernels(backend, state, point, grad, out, dtype) if cpp is None and not grad_mode else None
         if out is not None:
             new = out
-        elif chunk < n or cpp is not None:
+        elif chunk < n or cpp is not None or tri is not None:
             new = _empty_like_state(state)
         else:
             new = None
@@ -619,8 +623,15 @@ class HierarchicalRNN(nn.Module):
                 sums, cst.attention, float(weights["keep"]), float(weights["offset"]), cst.ms_epsilon, cst.epsilon,
                 cst.log_lr_low, cst.log_lr_high,
             )
-        self.last_backend = "cpp" if cpp is not None else "compiled" if kernel is not None else "eager"
-        for start in range(0, n if cpp is None else 0, chunk):
+        elif tri is not None:
+            sums = tri.element_update(
+                layout.sizes, grad.to(dtype).contiguous(), state, new, scratch.ud, scratch.ua, table.contiguous(),
+                weights, hp, cst.num_timescales, cst.attention, cst.ms_epsilon, cst.epsilon, cst.log_lr_low,
+                cst.log_lr_high,
+            )
+        self.last_backend = ("cpp" if cpp is not None else "triton" if tri is not None
+                             else "compiled" if kernel is not None else "eager")
+        for start in range(0, n if cpp is None and tri is None else 0, chunk):
             end = min(start + chunk, n)
             sl = slice(start, end)
             args = (grad[sl], state.h_param[sl], state.momentum[sl], state.mean_square[sl], state.beta_in[sl],
@@ -697,6 +708,11 @@ class HierarchicalRNN(nn.Module):
                 and point_new.dtype == dtype and point_new.is_contiguous() and theta_old.is_contiguous():
             cpp.apply_update(theta_old, scratch.ud, scratch.ua, tid, update_table.contiguous(),
                              theta_new if self.attention else point_new, point_new, cst.attention)
+            applied = True
+        elif tri is not None and theta_old.dtype == dtype and (theta_new is None or theta_new.dtype == dtype) \
+                and point_new.dtype == dtype and point_new.is_contiguous() and theta_old.is_contiguous():
+            tri.apply_update(layout.sizes, theta_old, scratch.ud, scratch.ua, update_table.to(dtype),
+                             theta_new, point_new, cst.attention)
             applied = True
         for start in range(0, 0 if applied else n, chunk):
             sl = slice(start, min(start + chunk, n))
@@ -1106,7 +1122,50 @@ def _compiled_kernel(cst: _Constants) -> Optional[_CompiledKernel]:
     return _KERNELS[cst]
 
 
-_BACKENDS = ("auto", "cpp", "eager", "compiled")
+_BACKENDS = ("auto", "cpp", "eager", "compiled", "triton")
+
+_TRITON_WARNED: set[str] = set()
+
+
+def _triton_kernels(
+    backend: str, state: HRNNState, point: Tensor, grad: Tensor, new: Optional[HRNNState], dtype: torch.dtype
+) -> Any:
+    """The Triton kernels (:mod:`lightning_lopt.kernels.triton_step`) when ``backend`` asks for them
+    and they apply to this step, else None.
+
+    ``"auto"`` asks for them on a GPU only, ``"triton"`` anywhere (on CPU tensors they run only under
+    Triton's interpreter, for testing). They apply to float32 compute with float32 or bfloat16
+    state buffers of one dtype whose vectors are contiguous. Where they were asked for and cannot
+    run, the step runs eagerly and warns once.
+    """
+    if backend not in ("auto", "triton") or (backend == "auto" and point.device.type != "cuda"):
+        return None
+    from lightning_lopt.kernels import triton_step
+
+    def fallback(reason: str) -> None:
+        if reason not in _TRITON_WARNED:
+            _TRITON_WARNED.add(reason)
+            warnings.warn(f"The Triton step does not run here ({reason}); the step runs eagerly.", RuntimeWarning,
+                          stacklevel=4)
+
+    if not triton_step.AVAILABLE:
+        fallback("Triton is not installed: pip install 'lightning-lopt[gpu]'")
+        return None
+    if not triton_step.applies(point.device):
+        if backend == "triton":
+            fallback(f"tensors on {point.device.type}" + (" under TRITON_INTERPRET" if triton_step.INTERPRETED else ""))
+        return None
+    sd = state.h_param.dtype
+    ok = dtype == torch.float32 and sd in (torch.float32, torch.bfloat16) and grad.device == point.device
+    for st in (state,) if new is None else (state, new):
+        for name in ("h_param", "momentum", "mean_square", "beta_in", "beta_sc", "log_lr"):
+            t = getattr(st, name)
+            ok = ok and t.dtype == sd and t.device == point.device and (t.dim() == 2 or t.is_contiguous())
+    if not ok:
+        if backend == "triton":
+            fallback("float32 compute and float32 or bfloat16 state of one dtype are needed")
+        return None
+    return triton_step
 
 
 def _cpp_applies(state: HRNNState, point: Tensor, grad: Tensor, new: Optional[HRNNState], dtype: torch.dtype) -> bool:

@@ -36,7 +36,7 @@ than one compiled chunk's worth of work, and the last, partial chunk always runs
 GPU_CHUNK = 1 << 20
 """Elements per chunk of the eager step on a GPU (about 0.4 GB of temporaries), where each chunk
 costs a few dozen kernel launches; the CPU default, ``DEFAULT_CHUNK``, keeps chunks in cache."""
-BACKENDS = ("auto", "cpp", "eager", "compiled")
+BACKENDS = ("auto", "cpp", "eager", "compiled", "triton")
 _TENSOR_FIELDS = HRNNState._fields
 _MATRIX_FIELDS = ("h_param", "momentum", "mean_square")
 
@@ -166,7 +166,11 @@ class HierarchicalRNNOptimizer(Optimizer):
         backend: How the step's element-level part runs. ``"auto"`` (default): the fused C++
             kernel of :mod:`lightning_lopt.kernels` on CPU (built on the first step, about a minute
             once per machine, then loaded from torch's extension cache in well under a second),
-            else eager. ``"cpp"``: the same, asked for explicitly. ``"eager"``: chunked torch
+            the fused Triton kernels on a GPU (``pip install 'lightning-lopt[gpu]'``; without
+            Triton the step runs eagerly and warns once), else eager. ``"cpp"``: the C++ kernel,
+            asked for explicitly. ``"triton"``: the Triton kernels, asked for explicitly (on CPU
+            tensors only under Triton's interpreter, ``TRITON_INTERPRET=1``: a test of the kernels,
+            not a speed-up). ``"eager"``: chunked torch
             operations. ``"compiled"``: chunks through ``torch.compile``, only above
             :data:`COMPILE_MIN_PARAMS` parameters (measured slower than eager here). Where the
             choice does not apply (bfloat16 or float64 compute, a GPU) or fails to build, the step

@@ -1,7 +1,14 @@
 """Shared test fixtures."""
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU, Triton's kernels run in its interpreter on CPU tensors (tests/test_triton.py).
+# Triton fixes the mode when it is first imported, which importing lightning does: set it first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="module")
