@@ -29,7 +29,8 @@ STATE_KEY = "hrnn"
 FORMAT_KEY = "optimizer"
 FORMAT = "lightning_lopt.HierarchicalRNNOptimizer"
 """``state_dict()[FORMAT_KEY]``: marks a state dict as this optimizer's, so that another optimizer's is refused."""
-STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+"""float16 is not among them: its range (65504) cannot hold the mean squares of gradients above 256."""
 COMPILE_MIN_PARAMS = 1 << 16
 """Below this many parameters the step stays eager even with ``backend="compiled"``: there is less
 than one compiled chunk's worth of work, and the last, partial chunk always runs eagerly."""
@@ -158,7 +159,8 @@ class HierarchicalRNNOptimizer(Optimizer):
         weight_decay: Decoupled weight decay; each step shrinks parameters by ``lr * weight_decay``.
         seed: Seed of the random initial per-element learning rates in the state.
         state_dtype: Floating point type of the state buffers, one of :data:`STATE_DTYPES`
-            (default float32; ``torch.bfloat16`` halves the state); the true parameters kept with attention stay in the compute precision: float64 when
+            (default float32; ``torch.bfloat16`` halves the state); the true parameters kept with
+            attention stay in the compute precision: float64 when
             any parameter is float64 (then the step runs eagerly in float64), else float32.
         chunk_size: Elements per chunk of the step's eager element-level part (``0``: one chunk;
             ``None``: :data:`DEFAULT_CHUNK` on CPU, where chunks stay in cache, and
@@ -243,6 +245,18 @@ class HierarchicalRNNOptimizer(Optimizer):
         self._hyper_cache: Optional[tuple[Any, Tensor, Tensor]] = None
 
     # ------------------------------------------------------------------ public helpers
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (see ``torch.optim.Optimizer.add_param_group``); 0-element parameters are refused."""
+        super().add_param_group(param_group)
+        for i, p in enumerate(self.param_groups[-1]["params"]):
+            if p.numel() == 0:
+                del self.param_groups[-1]
+                raise ValueError(
+                    f"HierarchicalRNNOptimizer cannot hold a 0-element parameter (parameter {i} of group "
+                    f"{len(self.param_groups)} has shape {tuple(p.shape)}): it has nothing to optimise and no "
+                    "per-tensor statistics. Leave it out, e.g. [p for p in model.parameters() if p.numel()]."
+                )
 
     @property
     def params(self) -> list[Tensor]:
@@ -467,25 +481,27 @@ class HierarchicalRNNOptimizer(Optimizer):
         return not bound < min(torch.finfo(p.dtype).max for p in act_params) / 4
 
     def _finite_result(self, out: Any, act_params: list[Tensor], check_state: bool) -> bool:
-        """Whether the new point fits each parameter's dtype and the new true parameters (and, for a
-        step into fresh buffers, the new state) are finite."""
-        point = out.point
-        dtypes = {p.dtype for p in act_params}
+        """Whether the new point and true parameters fit each parameter's dtype (eval() writes the
+        true parameters into the model) and, for a step into fresh buffers, the new state is finite."""
+        for flat in (out.point, out.state.theta):
+            if flat is not None and not self._fits(flat, act_params):
+                return False
+        if not check_state:
+            return True
+        return all(math.isfinite(_abs_max(v)) for v in out.state if v is not None)
+
+    def _fits(self, flat: Tensor, params: list[Tensor]) -> bool:
+        dtypes = {p.dtype for p in params}
         if len(dtypes) == 1:
-            if not _abs_max(point) <= torch.finfo(next(iter(dtypes))).max:
+            return _abs_max(flat) <= torch.finfo(next(iter(dtypes))).max
+        if not math.isfinite(_abs_max(flat)):
+            return False
+        widest = torch.finfo(flat.dtype).max
+        for v, p in zip(self._split(flat, params), params):
+            limit = torch.finfo(p.dtype).max
+            if limit < widest and not _abs_max(v) <= limit:  # would round to infinity in p's dtype
                 return False
-        else:
-            if not math.isfinite(_abs_max(point)):
-                return False
-            widest = torch.finfo(point.dtype).max
-            for v, p in zip(self._split(point, act_params), act_params):
-                limit = torch.finfo(p.dtype).max
-                if limit < widest and not _abs_max(v) <= limit:  # would round to infinity in p's dtype
-                    return False
-        fields = _TENSOR_FIELDS if check_state else ("theta",)
-        return all(
-            math.isfinite(_abs_max(getattr(out.state, k))) for k in fields if getattr(out.state, k) is not None
-        )
+        return True
 
     @staticmethod
     def _check_grad(p: Tensor) -> None:

@@ -5,6 +5,7 @@ import copy
 import io
 import pickle
 import warnings
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -136,14 +137,14 @@ def test_load_state_dict_accepts_its_own_state_through_torch_save(lopt) -> None:
         fresh.load_state_dict({"model": {}})
 
 
-@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool, torch.complex64, torch.uint8])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool, torch.complex64, torch.uint8, torch.float16])
 def test_state_dtype_must_be_floating(dtype: torch.dtype) -> None:
     p = nn.Parameter(torch.randn(3))
     with pytest.raises(ValueError, match=r"Invalid state_dtype=torch\.\w+.*torch\.bfloat16"):
         HierarchicalRNNOptimizer([p], weights=HierarchicalRNN(), state_dtype=dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_every_accepted_state_dtype_steps(dtype: torch.dtype) -> None:
     params = list(_model().parameters())
     opt = HierarchicalRNNOptimizer(params, weights=HierarchicalRNN(), state_dtype=dtype, backend="eager")
@@ -311,3 +312,147 @@ def test_plain_torch_closure_does_not_warn(lopt) -> None:
         for i in range(2):
             opt.zero_grad()
             opt.step(lambda: _mse(model, i).backward())
+
+
+# ---------------------------------------------------------------------------------- fuzz
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_WEIGHTS = {True: HierarchicalRNN(), False: HierarchicalRNN(attention=False)}
+_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+_SHAPES = [(), (0,), (3, 0), (1,), (7,), (4, 5), (2, 3, 4, 5)]
+
+
+@st.composite
+def _tensor_specs(draw: Any) -> dict:
+    shape = draw(st.sampled_from(_SHAPES))
+    layouts = ["contiguous"]
+    if len(shape) == 2:
+        layouts.append("transposed")
+    if len(shape) == 4:
+        layouts.append("channels_last")
+    if len(shape) >= 1 and shape[0] > 1:
+        layouts.append("strided")
+    return dict(
+        shape=shape,
+        dtype=draw(st.sampled_from(_DTYPES)),
+        layout=draw(st.sampled_from(layouts)),
+        grad_log10=draw(st.floats(-30, 30)),
+        zero_grad=draw(st.booleans()),
+        has_grad=draw(st.sampled_from([True, True, True, False])),
+    )
+
+
+def _make_param(spec: dict, gen: torch.Generator) -> nn.Parameter:
+    shape, dtype = spec["shape"], spec["dtype"]
+    if spec["layout"] == "transposed":
+        value = torch.randn(shape[::-1], generator=gen).to(dtype).t()
+    elif spec["layout"] == "channels_last":
+        value = torch.randn(shape, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+    elif spec["layout"] == "strided":
+        value = torch.randn((2 * shape[0],) + shape[1:], generator=gen).to(dtype)[::2]
+    else:
+        value = torch.randn(shape, generator=gen).to(dtype)
+    return nn.Parameter(value)
+
+
+def _grad_for(p: torch.Tensor, spec: dict, gen: torch.Generator) -> torch.Tensor:
+    if spec["zero_grad"]:
+        return torch.zeros_like(p)
+    sign = torch.randn(p.shape, generator=gen).sign()
+    scale = 10.0 ** spec["grad_log10"]
+    return (sign * scale * (1 + torch.rand(p.shape, generator=gen))).to(p.dtype)  # may round to 0 or inf
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    specs=st.lists(_tensor_specs(), min_size=1, max_size=4),
+    attention=st.booleans(),
+    lr=st.sampled_from([0.0, 1e-3, 1.0, 1e3, 1e30]),
+    weight_decay=st.sampled_from([0.0, 0.1]),
+    two_groups=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fuzz_never_writes_a_nonfinite_parameter(specs, attention, lr, weight_decay, two_groups, seed) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    params = [_make_param(s, gen) for s in specs]
+    half = len(params) // 2
+    groups = [{"params": params[:half]}, {"params": params[half:], "lr": lr / 2}] if two_groups and half else [
+        {"params": params}
+    ]
+    if any(p.numel() == 0 for p in params):
+        with pytest.raises(ValueError, match="0-element parameter"):
+            HierarchicalRNNOptimizer(groups, weights=_WEIGHTS[attention], lr=lr, weight_decay=weight_decay)
+        return
+    opt = HierarchicalRNNOptimizer(groups, weights=_WEIGHTS[attention], lr=lr, weight_decay=weight_decay)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the skip warnings
+        for _ in range(3):
+            for p, s in zip(params, specs):
+                p.grad = _grad_for(p, s, gen) if s["has_grad"] else None
+            before = [p.detach().clone() for p in params]
+            opt.step()
+            for p, b, s in zip(params, before, specs):
+                assert torch.isfinite(p).all(), s
+                assert p.dtype == s["dtype"] and p.shape == s["shape"]
+                if p.grad is None:
+                    assert torch.equal(p, b)
+                if s["layout"] == "channels_last":
+                    assert p.is_contiguous(memory_format=torch.channels_last)
+        opt.eval()
+        assert all(torch.isfinite(p).all() for p in params)
+        opt.train()
+
+
+def test_a_thousand_all_zero_gradients_keep_parameters_finite() -> None:
+    params = [nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(5, dtype=torch.float16))]
+    opt = HierarchicalRNNOptimizer(params, weights=_WEIGHTS[True], backend="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to skip: zero gradients are finite
+        for _ in range(1000):
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            opt.step()
+    assert opt.skipped_steps == 0
+    assert all(torch.isfinite(p).all() for p in params)
+    assert all(torch.isfinite(v).all() for v in opt.hrnn_state.values() if isinstance(v, torch.Tensor))
+
+
+def test_a_parameter_in_two_groups_is_a_clear_error() -> None:
+    p, q = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(2))
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        HierarchicalRNNOptimizer([{"params": [p, q]}, {"params": [p]}], weights=_WEIGHTS[True])
+    opt = HierarchicalRNNOptimizer([q], weights=_WEIGHTS[True])
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        opt.add_param_group({"params": [q]})
+
+
+def test_zero_dim_parameters_step_and_zero_element_ones_are_a_clear_error() -> None:
+    scalar = nn.Parameter(torch.tensor(2.0))
+    empty = nn.Parameter(torch.zeros(3, 0))
+    with pytest.raises(ValueError, match=r"0-element parameter \(parameter 1 of group 0 has shape \(3, 0\)\)"):
+        HierarchicalRNNOptimizer([scalar, empty], weights=_WEIGHTS[True])
+    opt = HierarchicalRNNOptimizer([scalar], weights=_WEIGHTS[True])
+    with pytest.raises(ValueError, match="0-element parameter"):
+        opt.add_param_group({"params": [empty]})
+    assert len(opt.param_groups) == 1  # the refused group is not left behind
+    scalar.grad = torch.tensor(1.0)
+    opt.step()
+    assert scalar.shape == () and torch.isfinite(scalar) and scalar.item() != 2.0
+
+
+def test_true_parameters_outside_a_half_precision_range_are_never_swapped_in() -> None:
+    """Found by the fuzz test: the true parameters (kept in float32) grew past float16's range while
+    the attended point stayed inside it, and eval() then wrote infinity into the model."""
+    p = nn.Parameter(torch.tensor(0.5, dtype=torch.float16))
+    opt = HierarchicalRNNOptimizer([p], weights=_WEIGHTS[True], lr=1000.0, weight_decay=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(4):
+            p.grad = torch.tensor(1.3, dtype=torch.float16)
+            opt.step()
+            assert torch.isfinite(p)
+    assert opt.skipped_steps >= 1
+    opt.eval()
+    assert torch.isfinite(p)
