@@ -182,7 +182,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 current = sec
             print(f"  {title}: {', '.join(keys) if keys else 'regex ' + str(regex)}")
         return
-    workspace.save()
+    import wandb
+
+    try:
+        workspace.save()
+    except (wandb.errors.UsageError, wandb.errors.AuthenticationError) as err:
+        # The usual first contact: no W&B account configured. One line, not a traceback.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        parser.exit(1, f"{parser.prog}: not logged in to W&B ({first}). Run `wandb login` first, "
+                       "or use --dry-run to print the workspace without saving it.\n")
+    except wandb.errors.CommError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        parser.exit(1, f"{parser.prog}: could not reach W&B to save the workspace ({first}).\n")
     print(workspace.url)
 
 

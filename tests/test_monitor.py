@@ -445,3 +445,21 @@ def test_dashboard_panels_name_logged_keys(logged_run: dict[str, Any], capsys: p
     main(["--entity", "e", "--project", "p", "--dry-run"])
     out = capsys.readouterr().out
     assert "[Histograms]" in out and "lopt/global_rnn/unit_19" in out
+
+
+def test_dashboard_without_login_says_what_to_do(tmp_path: Path) -> None:
+    """No W&B account configured: one line naming `wandb login` and --dry-run, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"), NETRC=str(tmp_path / "netrc"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_lopt.dashboard", "--entity", "e", "--project", "p"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "wandb login" in lines[0] and "--dry-run" in lines[0]
