@@ -152,37 +152,36 @@ class HierarchicalRNNOptimizer(Optimizer):
 
     Args:
         params: Parameters or parameter groups to optimise.
-        weights: Meta-trained weights: ``"default"``, a path to a ``.safetensors`` export or a
-            meta-training ``.ckpt``, a :class:`~lightning_lopt.HierarchicalRNN`, or ``None`` for the
-            untrained initialisation.
+        weights: Meta-trained weights: "default" (the shipped ones), a path to a .safetensors
+            export or a meta-training .ckpt, a lightning_lopt.HierarchicalRNN, or None (null in a
+            config) for the untrained initialisation.
         lr: Multiplier of the learned step size (what LR schedulers change).
-        weight_decay: Decoupled weight decay; each step shrinks parameters by ``lr * weight_decay``.
+        weight_decay: Decoupled weight decay; each step shrinks parameters by lr * weight_decay.
         seed: Seed of the random initial per-element learning rates in the state.
-        state_dtype: Floating point type of the state buffers, one of :data:`STATE_DTYPES`
-            (default float32; ``torch.bfloat16`` halves the state); the true parameters kept with
-            attention stay in the compute precision: float64 when
-            any parameter is float64 (then the step runs eagerly in float64), else float32.
-        chunk_size: Elements per chunk of the step's eager element-level part (``0``: one chunk;
-            ``None``: :data:`DEFAULT_CHUNK` on CPU, where chunks stay in cache, and
-            :data:`GPU_CHUNK` on a GPU, where each chunk costs a few dozen kernel launches).
-        backend: How the step's element-level part runs. ``"auto"`` (default): the fused C++
-            kernel of :mod:`lightning_lopt.kernels` on CPU (built on the first step, about a minute
-            once per machine, then loaded from torch's extension cache in well under a second),
-            the fused Triton kernels on a GPU (``pip install 'lightning-lopt[gpu]'``; without
-            Triton the step runs eagerly and warns once), else eager. ``"cpp"``: the C++ kernel,
-            asked for explicitly. ``"triton"``: the Triton kernels, asked for explicitly (on CPU
-            tensors only under Triton's interpreter, ``TRITON_INTERPRET=1``: a test of the kernels,
-            not a speed-up). ``"eager"``: chunked torch
-            operations. ``"compiled"``: chunks through ``torch.compile``, only above
-            :data:`COMPILE_MIN_PARAMS` parameters (measured slower than eager here). Where the
-            choice does not apply (bfloat16 or float64 compute, a GPU) or fails to build, the step
-            runs eagerly; a failed build warns once. ``lopt.last_backend`` says which ran.
-        problem_group: For ``torch.distributed.optim.ZeroRedundancyOptimizer``: the process group
-            (e.g. ``torch.distributed.group.WORLD``) whose ranks' optimizers each hold a part of the
+        state_dtype: Floating point type of the state buffers: torch.float32 (default),
+            torch.bfloat16 (half the state) or torch.float64. The true parameters kept with
+            attention stay in the compute precision: float64 when any parameter is float64 (the
+            step then runs eagerly in float64), else float32.
+        chunk_size: Elements per chunk of the step's eager element-level part (0: one chunk;
+            None: lightning_lopt.hrnn.DEFAULT_CHUNK on CPU, where chunks stay in cache, and
+            GPU_CHUNK of this module on a GPU, where each chunk costs a few dozen kernel launches).
+        backend: How the step's element-level part runs. "auto" (default): the fused C++ kernel
+            on CPU (compiled once per machine on first use, or ahead of time with
+            lightning-lopt-build-kernel), the fused Triton kernels on a GPU (pip install
+            'lightning-lopt[gpu]'; without Triton the step runs eagerly and warns once), else
+            eager. "cpp": the C++ kernel, asked for explicitly. "triton": the Triton kernels,
+            asked for explicitly (on CPU tensors only under Triton's interpreter,
+            TRITON_INTERPRET=1: a test of the kernels, not a speed-up). "eager": chunked torch
+            operations. "compiled": chunks through torch.compile, only above COMPILE_MIN_PARAMS
+            parameters (measured slower than eager here). Where the choice does not apply
+            (bfloat16 or float64 compute, a GPU) or fails to build, the step runs eagerly; a
+            failed build warns once. lopt.last_backend says which ran.
+        problem_group: For torch.distributed.optim.ZeroRedundancyOptimizer: the process group
+            (e.g. torch.distributed.group.WORLD) whose ranks' optimizers each hold a part of the
             model's tensors. The per-problem reductions (the log learning rate's mean, the global
             RNN's input) are then all-reduced over it, so every rank applies the update of one
-            optimizer over the whole model. ``None``: this optimizer holds the whole problem.
-            FSDP2 (``fully_shard``) parameters need nothing: their shard group is read from them.
+            optimizer over the whole model. None: this optimizer holds the whole problem. FSDP2
+            (fully_shard) parameters need nothing: their shard group is read from them.
 
     Sharded parameters (DTensors from ``fully_shard``, ``Shard`` or ``Replicate`` on one 1-D mesh)
     are stepped shard by shard; each rank keeps state for its local shard only, and the per-tensor

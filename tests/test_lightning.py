@@ -516,6 +516,8 @@ def test_cli_help_lists_the_optimizer_arguments(capsys: pytest.CaptureFixture, c
     for arg in ("--optimizer.weights", "--optimizer.lr", "--optimizer.weight_decay"):
         assert arg in out
     assert "Multiplier of the learned step size" in out
+    markup = [m for m in ("``", ":class:", ":data:", ":mod:", ":meth:") if m in out]
+    assert not markup, f"raw Sphinx markup in --help: {markup}"
 
 
 # ---------------------------------------------------------------------------------------- example

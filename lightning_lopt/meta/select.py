@@ -39,10 +39,20 @@ def score_checkpoints(
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoints", nargs="+")
-    parser.add_argument("--num-tasks", type=int, default=6)
-    parser.add_argument("--threads", type=int, default=1)
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_lopt.meta.select",
+        description=__doc__.splitlines()[0] + " Each line: the mean score, the path, then one score per "
+        "validation task; a score is log(final loss / Adam 1e-3's final loss), lower is better.",
+    )
+    parser.add_argument(
+        "checkpoints", nargs="+", metavar="CHECKPOINT",
+        help="meta-training .ckpt files (or .safetensors exports) to score",
+    )
+    parser.add_argument(
+        "--num-tasks", type=int, default=6,
+        help="validation tasks: seeds the training distribution never draws, 200 to 3,000 steps (default: 6)",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default: 1)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     for path, mean, ratios in score_checkpoints(args.checkpoints, args.num_tasks):
