@@ -259,7 +259,7 @@ class Sharding:
                         f"'{k}', but this rank holds {local.numel()} elements of that parameter: load it through "
                         "torch.distributed.checkpoint (set_optimizer_state_dict), which reshards."
                     )
-                parts.append(t.reshape(local.numel(), -1) if k in _PER_ELEMENT_MATRIX else t.reshape(-1))
+                parts.append(t.reshape(local.numel(), width) if k in _PER_ELEMENT_MATRIX else t.reshape(-1))
             flat[k] = torch.cat(parts)
         flat["h_tensor"] = torch.stack([local_tensor(e["h_tensor"]) for e in entries])
         flat["h_global"] = local_tensor(entries[0]["h_global"]).reshape(1, -1).clone()

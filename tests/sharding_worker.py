@@ -28,14 +28,15 @@ STEPS = 12
 
 
 def mlp(seed: int = 0) -> nn.Sequential:
-    # First dimensions 7, 5 and 3: every weight and bias is split unevenly over 2 ranks.
+    # First dimensions 7, 5, 3 and 1: split unevenly over 2 ranks, the last leaving rank 1 an empty shard.
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3))
+    return nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3), nn.Tanh(),
+                         nn.Linear(3, 1))
 
 
 def batches(steps: int, rows: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(1)
-    return [(torch.randn(rows, 6, generator=gen), torch.randn(rows, 3, generator=gen)) for _ in range(steps)]
+    return [(torch.randn(rows, 6, generator=gen), torch.randn(rows, 1, generator=gen)) for _ in range(steps)]
 
 
 def train(model: nn.Module, opt: Any, data: list, rank: int = 0, world: int = 1) -> None:
@@ -62,7 +63,7 @@ def sharded_mlp(partial: bool = False) -> nn.Module:
     if partial:
         fully_shard(model[0])  # the other layers stay plain tensors, whole on every rank
         return model
-    for layer in (model[0], model[2], model[4]):
+    for layer in (model[0], model[2], model[4], model[6]):
         fully_shard(layer)
     fully_shard(model)
     return model
@@ -145,6 +146,7 @@ def ddp(rank: int, out: dict[str, Any]) -> None:
     ref = HierarchicalRNNOptimizer([ref_params[i] for i in order])
     train(ref_model, ref, data)
     out["zero_rel"] = max_rel(full(model), full(ref_model))
+    out["zero_state_numel_unsharded"] = sum(t.numel() for t in ref.hrnn_state.values() if isinstance(t, torch.Tensor))
     out[f"zero_state_numel_rank{rank}"] = sum(
         t.numel() for t in zero.optim.hrnn_state.values() if isinstance(t, torch.Tensor))
 

@@ -95,7 +95,8 @@ class EvalWithTrueParameters(Callback):
             for i, opt in enumerate(trainer.optimizers):
                 inner = getattr(opt, "optimizer", opt)
                 if isinstance(inner, HierarchicalRNNOptimizer):
-                    checkpoint["optimizer_states"][i] = _clone(inner.state_dict())
+                    # Through the strategy: ModelParallelStrategy keys it by name for torch.distributed.checkpoint.
+                    checkpoint["optimizer_states"][i] = _clone(trainer.strategy.optimizer_state(inner))
         finally:
             for opt, training in zip(opts, modes):
                 opt.train() if training else opt.eval()
