@@ -14,13 +14,11 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from lightning_lopt.optimizer import HierarchicalRNNOptimizer
 
 __all__ = ["BiasGRU", "HierarchicalRNN", "HRNNState", "Layout", "StepDiagnostics", "StepOutput", "StepReducer"]
 
@@ -255,6 +253,18 @@ def _straight_through_clamp(x: Tensor, low: float, high: float) -> Tensor:
     # Written so that the forward value is exactly the clamped one even when |x| >> bounds (the
     # form x + (clamp(x) - x).detach() cancels catastrophically there).
     return x.clamp(low, high).detach() + (x - x.detach())
+
+
+_optimizer_class: Optional[type] = None
+
+
+def register_optimizer(cls: type) -> None:
+    """Set the class :meth:`HierarchicalRNN.optimizer` builds (lightning_lopt.optimizer does, on import).
+
+    The optimizer depends on this module and not the reverse: the factory finds its class here.
+    """
+    global _optimizer_class
+    _optimizer_class = cls
 
 
 class HierarchicalRNN(nn.Module):
@@ -747,11 +757,11 @@ class HierarchicalRNN(nn.Module):
 
     # ------------------------------------------------------------------ adapters
 
-    def optimizer(self, params: Any, **kwargs: Any) -> "HierarchicalRNNOptimizer":
+    def optimizer(self, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
         """A :class:`~lightning_lopt.HierarchicalRNNOptimizer` over ``params`` with these weights."""
-        from lightning_lopt.optimizer import HierarchicalRNNOptimizer
-
-        return HierarchicalRNNOptimizer(params, weights=self, **kwargs)
+        if _optimizer_class is None:  # only if this file were loaded outside its package
+            raise RuntimeError("HierarchicalRNN.optimizer needs lightning_lopt.optimizer imported.")
+        return _optimizer_class(params, weights=self, **kwargs)
 
     # ------------------------------------------------------------------ weights files
 

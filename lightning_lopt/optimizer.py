@@ -20,6 +20,7 @@ from lightning_lopt.hrnn import (
     Layout,
     StepDiagnostics,
     is_feature_major,
+    register_optimizer,
 )
 from lightning_lopt.sharding import Sharding, local_tensor
 
@@ -691,3 +692,7 @@ class HierarchicalRNNOptimizer(Optimizer):
         for k in self._TRANSIENT:
             setattr(self, k, None)
         self._layout_cache = {}
+
+
+# HierarchicalRNN.optimizer() builds this class; registering it here keeps hrnn.py free of an import of this module.
+register_optimizer(HierarchicalRNNOptimizer)

@@ -14,23 +14,25 @@ import re
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-__all__ = ["FIGURES", "find_histories", "load_history", "main", "plot_history"]
+__all__ = ["FIGURES", "HISTORY_FILE", "HISTORY_FORMAT", "find_histories", "load_history", "main", "plot_history"]
 
 FIGURES = ("timescales.png", "learning_rates.png", "attention.png", "global_rnn.png")
+HISTORY_FILE = "lopt_history.json"
+"""Name of the history file the monitor writes beside the figures (and this module reads)."""
+HISTORY_FORMAT = "lightning_lopt.monitor_history"
+"""The ``format`` entry of a history file."""
 
 
 def load_history(path: Union[str, Path]) -> dict[str, Any]:
     """Read a history file written by the monitor."""
     data = json.loads(Path(path).read_text())
-    if data.get("format") != "lightning_lopt.monitor_history":
+    if data.get("format") != HISTORY_FORMAT:
         raise ValueError(f"{path} is not a LearnedOptimizerMonitor history file.")
     return data
 
 
 def find_histories(run_dir: Union[str, Path]) -> list[Path]:
     """History files at ``run_dir`` (a file, or a directory searched recursively)."""
-    from lightning_lopt.callbacks.monitor import HISTORY_FILE
-
     run_dir = Path(run_dir)
     if run_dir.is_file():
         return [run_dir]

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from lightning_lopt.hrnn import Layout, StepDiagnostics
 from lightning_lopt.optimizer import HierarchicalRNNOptimizer
+from lightning_lopt.plots import HISTORY_FILE, HISTORY_FORMAT, plot_history
 
 __all__ = [
     "HISTORY_FILE",
@@ -37,7 +38,6 @@ __all__ = [
     "timescales",
 ]
 
-HISTORY_FILE = "lopt_history.json"
 _EPS = torch.finfo(torch.float32).eps
 _TINY = 1e-30
 
@@ -648,8 +648,6 @@ class LearnedOptimizerMonitor(Callback):
         out = self._resolve_output_dir(trainer)
         if not trainer.is_global_zero or not self.history or out is None:
             return
-        from lightning_lopt.plots import plot_history
-
         path = Path(out)
         path.mkdir(parents=True, exist_ok=True)
         history_path = path / HISTORY_FILE
@@ -659,7 +657,7 @@ class LearnedOptimizerMonitor(Callback):
     def history_record(self) -> dict[str, Any]:
         """What the history file holds: the settings and every logged step's scalars and histograms."""
         return {
-            "format": "lightning_lopt.monitor_history",
+            "format": HISTORY_FORMAT,
             "version": 1,
             "logging_interval": self.logging_interval,
             "quantiles": list(self.quantiles),
