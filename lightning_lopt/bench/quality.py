@@ -1535,7 +1535,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every task's steps (after --quick's 0.2)")
     p.add_argument(
-        "--quick", action="store_true", help="0.2x steps (at least 50), 4 sweep points, 1 seed: under 10 minutes"
+        "--quick", action="store_true", help="0.2x steps (at least 50), 4 sweep points, 1 seed (the report's header gives the wall time)"
     )
     p.add_argument("--ablation", action="store_true", help="also run the learned-optimizer ablation variants")
     p.add_argument(
