@@ -209,3 +209,51 @@ def test_triton_backend_is_listed() -> None:
 
     assert "triton" in BACKENDS and "triton" in hrnn._BACKENDS
     assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+
+
+_COMPILE_SCRIPT = r"""
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lightning_lopt.kernels import triton_step as ts
+
+target = GPUTarget("cuda", 90, 32)
+state = {"h_ptr", "m_ptr", "v_ptr", "bi_ptr", "bs_ptr", "ll_ptr", "oh_ptr", "om_ptr", "ov_ptr", "obi_ptr", "obs_ptr",
+         "oll_ptr"}
+consts = dict(H=10, K=4, HP=16, FP=16, OP=16, ATTENTION=True, BF16=True, PRECISION=ts.DOT_PRECISION, BLOCK=ts.BLOCK)
+sig = {}
+for name in ts._element_kernel.arg_names:
+    if name in consts:
+        sig[name] = "constexpr"
+    elif name.endswith("_ptr"):
+        sig[name] = "*bf16" if name in state else "*i64" if name.startswith("span_") else "*fp32"
+    else:
+        sig[name] = "fp32" if name in ("keep", "offset", "ms_eps", "eps", "low", "high") else "i64"
+k = triton.compile(ASTSource(fn=ts._element_kernel, signature=sig, constexprs=consts), target=target,
+                   options={"num_warps": ts.NUM_WARPS})
+assert k.asm["cubin"]
+sig = {n: "constexpr" if n in ("ATTENTION", "BLOCK") else "*i64" if n.startswith("span_") else "*fp32"
+       for n in ts._apply_kernel.arg_names}
+k = triton.compile(ASTSource(fn=ts._apply_kernel, signature=sig, constexprs=dict(ATTENTION=True, BLOCK=ts.BLOCK)),
+                   target=target)
+assert k.asm["cubin"]
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_a_gpu() -> None:
+    """The interpreter runs the kernels' Python; Triton's compiler (with the ptxas its wheel ships)
+    must also accept them: compiled for sm_90 (H100/H200), which needs no GPU."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this Triton build ships no ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]

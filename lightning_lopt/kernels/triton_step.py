@@ -35,7 +35,8 @@ except ImportError:  # CPU installs need not have it: the step then runs eagerly
     triton = None
     tl = None
 
-__all__ = ["AVAILABLE", "INTERPRETED", "BLOCK", "SPAN_BLOCKS", "applies", "apply_update", "element_update"]
+__all__ = ["AVAILABLE", "BLOCK", "DOT_PRECISION", "INTERPRETED", "NUM_WARPS", "SPAN_BLOCKS", "applies", "apply_update",
+           "element_update"]
 
 AVAILABLE = triton is not None
 """True when Triton is importable."""
@@ -44,8 +45,13 @@ INTERPRETED = AVAILABLE and os.environ.get("TRITON_INTERPRET", "0").lower() in (
 """True when Triton runs kernels in its interpreter (on CPU tensors); fixed at import, as Triton's own
 library functions are wrapped for one mode when ``triton`` is first imported."""
 
-BLOCK = 128
+BLOCK = 64
 """Elements per tile (one iteration of a program); at least 16, the smallest ``tl.dot`` tile."""
+
+NUM_WARPS = 2
+"""Warps per program of the element kernel. Compiled for sm_90 (ptxas -v, no GPU at hand), every
+tile and warp count tried uses all 255 registers and spills some; 64 elements on 2 warps spilled
+least (488 bytes against 644 for 128 on 4). To be chosen by measurement on a GPU."""
 
 SPAN_BLOCKS = 16
 """Tiles per program at most: fewer programs means fewer rows of partial sums to add up."""
@@ -393,7 +399,7 @@ def element_update(
         partial, width,
         float(weights["keep"]), float(weights["offset"]), ms_epsilon, epsilon, log_lr_low, log_lr_high,
         H=h, K=k, HP=_pow2(h), FP=_pow2(3 * k), OP=16, ATTENTION=attention,
-        BF16=new.h_param.dtype == torch.bfloat16, PRECISION=DOT_PRECISION, BLOCK=block,
+        BF16=new.h_param.dtype == torch.bfloat16, PRECISION=DOT_PRECISION, BLOCK=block, num_warps=NUM_WARPS,
     )
     return sums.index_add_(0, tensors, partial)
 
