@@ -1,7 +1,7 @@
 """Triton kernels of the element-level part of the hierarchical RNN step (no autograd), for GPUs.
 
 Two kernels compute what :func:`lightning_lopt.hrnn._element_update` and
-:func:`lightning_lopt.hrnn._apply_update` compute, with every temporary in registers:
+:func:`lightning_lopt.hrnn._apply_update` compute, with no temporary of the parameters' size:
 
 * :func:`element_update`: the accumulators, the ``3K`` features, the parameter GRU with the
   per-tensor injected bias, the read-outs, the new state and the un-normalised updates, and each
@@ -59,7 +59,7 @@ SPAN_BLOCKS = 16
 DOT_PRECISION = "ieee"
 """``input_precision`` of the GRU's ``tl.dot``: ``"ieee"`` (float32 FMAs) keeps the step equal to the
 eager reference to float32 rounding; ``"tf32x3"`` (three TF32 tensor-core products) is close to it
-and may be faster; ``"tf32"`` alone is not accurate enough (about 1e-3 relative)."""
+and may be faster; ``"tf32"`` alone (10 bits of mantissa) is not accurate enough."""
 
 
 def applies(device: torch.device) -> bool:
