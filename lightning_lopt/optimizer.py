@@ -41,6 +41,7 @@ costs a few dozen kernel launches; the CPU default, ``DEFAULT_CHUNK``, keeps chu
 BACKENDS = ("auto", "cpp", "eager", "compiled", "triton")
 _TENSOR_FIELDS = HRNNState._fields
 _MATRIX_FIELDS = ("h_param", "momentum", "mean_square")
+_ELEMENT_FIELDS = ("h_param", "momentum", "mean_square", "beta_in", "beta_sc", "log_lr", "theta")
 
 
 def _feature_major(st: dict[str, Any]) -> dict[str, Any]:
@@ -151,6 +152,17 @@ class HierarchicalRNNOptimizer(Optimizer):
     Lightning Trainer with attention while neither that callback nor anything else has called
     :meth:`train` or :meth:`eval`, the optimizer warns once, saying what to add.
 
+    Only parameters that train hold state. When the state is made (at the first step), a
+    parameter holds state if it requires grad or has a gradient; frozen ones
+    (``requires_grad=False``) and 0-element ones hold none, and neither :meth:`step` nor
+    :meth:`train` / :meth:`eval` touches them. A parameter without state that later receives a
+    gradient (unfrozen, or added with ``add_param_group``) gets a fresh state at that step, in its
+    place in the flat order; the other parameters keep theirs, and from then on the per-problem
+    statistics (the global RNN's input) include it. A parameter with state that stops receiving
+    gradients (frozen again, or unused) keeps its state and is not stepped while its gradient is
+    None; with attention, :meth:`train` and :meth:`eval` still switch it between its look-ahead
+    point and its true value. Which parameters hold state is part of :meth:`state_dict`.
+
     Args:
         params: Parameters or parameter groups to optimise.
         weights: Meta-trained weights: "default" (the shipped ones), a path to a .safetensors
@@ -246,21 +258,9 @@ class HierarchicalRNNOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ public helpers
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group (see ``torch.optim.Optimizer.add_param_group``); 0-element parameters are refused."""
-        super().add_param_group(param_group)
-        for i, p in enumerate(self.param_groups[-1]["params"]):
-            if p.numel() == 0:
-                del self.param_groups[-1]
-                raise ValueError(
-                    f"HierarchicalRNNOptimizer cannot hold a 0-element parameter (parameter {i} of group "
-                    f"{len(self.param_groups)} has shape {tuple(p.shape)}): it has nothing to optimise and no "
-                    "per-tensor statistics. Leave it out, e.g. [p for p in model.parameters() if p.numel()]."
-                )
-
     @property
     def params(self) -> list[Tensor]:
-        """All parameters, in the flat order of the state."""
+        """All parameters of all groups, in order (the state covers :attr:`held_params`, a subsequence)."""
         return [p for group in self.param_groups for p in group["params"]]
 
     @property
@@ -270,8 +270,21 @@ class HierarchicalRNNOptimizer(Optimizer):
 
     @property
     def hrnn_state(self) -> Optional[dict[str, Any]]:
-        """The flat state (tensors and counters), or None before the first step."""
+        """The flat state (tensors and counters), or None before the first step.
+
+        Its buffers cover the parameters ``params[i]`` for ``i`` in ``hrnn_state["held"]``, in that
+        order; ``hrnn_state["sizes"]`` holds their sizes.
+        """
         return self.state.get(STATE_KEY)
+
+    @property
+    def held_params(self) -> list[Tensor]:
+        """The parameters that hold state, in the flat order of the state (empty before the first step)."""
+        st = self.hrnn_state
+        if st is None:
+            return []
+        params = self.params
+        return [params[i] for i in st["held"]]
 
     @property
     def skipped_steps(self) -> int:
@@ -325,7 +338,7 @@ class HierarchicalRNNOptimizer(Optimizer):
         st = self.hrnn_state
         if st is None or st["theta"] is None:
             return
-        params = [local_tensor(p) for p in self.params]
+        params = [local_tensor(p) for p in self.held_params]
         shadow = st["theta"]
         current = torch.cat([p.detach().reshape(-1).to(shadow.dtype) for p in params])
         torch._foreach_copy_([p.data for p in params], self._split(shadow, params))
@@ -347,8 +360,11 @@ class HierarchicalRNNOptimizer(Optimizer):
         if per_parameter is None:
             per_parameter = self._sharding(self.params) is not None
         if per_parameter and STATE_KEY in sd["state"]:
-            params = self.params
-            sd["state"] = Sharding(params, self.problem_group).per_parameter_state(params, sd["state"][STATE_KEY])
+            flat = sd["state"][STATE_KEY]
+            held = self.held_params
+            per_held = Sharding(held, self.problem_group).per_parameter_state(held, flat)
+            # Keyed by the index among all parameters, as torch.optim writes them; frozen ones have no entry.
+            sd["state"] = {flat["held"][k]: v for k, v in per_held.items()}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -361,12 +377,18 @@ class HierarchicalRNNOptimizer(Optimizer):
         state_dict = self._flat_state_dict(state_dict)
         _check_own_state_dict(state_dict)
         saved = state_dict["state"].get(STATE_KEY)
+        held: list[int] = []
         if saved is not None:
-            sizes = [local_tensor(p).numel() for p in self.params]
+            params = self.params
+            # A state dict written before frozen parameters were left out holds state for every parameter.
+            held = [int(i) for i in saved.get("held", range(len(params)))]
+            in_range = all(0 <= i < len(params) for i in held) and held == sorted(set(held))
+            sizes = [local_tensor(params[i]).numel() for i in held] if in_range else None
             if list(saved["sizes"]) != sizes:
                 raise ValueError(
-                    "The saved HierarchicalRNNOptimizer state was made for parameters of sizes "
-                    f"{list(saved['sizes'])}, but this optimizer has {sizes}."
+                    f"The saved HierarchicalRNNOptimizer state was made for parameters of sizes {list(saved['sizes'])} "
+                    f"(parameters {held} of the optimizer's), but this optimizer has "
+                    f"{[local_tensor(p).numel() for p in params]}."
                 )
             lo = self.lopt
             widths = dict(h_param=lo.param_units, momentum=lo.num_timescales, h_tensor=lo.tensor_units, h_global=lo.global_units)
@@ -378,11 +400,13 @@ class HierarchicalRNNOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         st = self.state.get(STATE_KEY)
         if st is not None:
-            st = _feature_major(dict(st))
+            st = _feature_major(dict(st, held=held, sizes=list(st["sizes"])))
             self._training = bool(st.pop("training", True))
             self.state[STATE_KEY] = st
         else:
             self._training = True
+        self._layout_cache = {}
+        self._point_buffer = None
 
     def _flat_state_dict(self, state_dict: Any) -> Any:
         # A per-parameter state dict (from a sharded optimizer, or torch.distributed.checkpoint) back
@@ -394,12 +418,15 @@ class HierarchicalRNNOptimizer(Optimizer):
             return state_dict  # not this optimizer's: refused by the check that follows
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = self.params
-        if len(saved_ids) != len(params) or any(i not in state for i in saved_ids):
+        if len(saved_ids) != len(params) or any(i not in saved_ids for i in state):
             raise ValueError(
-                f"The saved per-parameter HierarchicalRNNOptimizer state covers {len(state)} of {len(saved_ids)} "
-                f"parameters, but this optimizer has {len(params)}; all parameters need their state."
+                f"The saved per-parameter HierarchicalRNNOptimizer state is for {len(saved_ids)} parameters, "
+                f"but this optimizer has {len(params)}."
             )
-        flat = Sharding.flat_state(params, [state[i] for i in saved_ids])
+        # Frozen parameters have no entry: the others hold state, in the parameters' order.
+        held = [n for n, i in enumerate(saved_ids) if i in state]
+        flat = Sharding.flat_state([params[n] for n in held], [state[saved_ids[n]] for n in held])
+        flat["held"] = held
         groups = []
         start = 0
         for g in state_dict["param_groups"]:
@@ -409,7 +436,13 @@ class HierarchicalRNNOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ step
 
-    def _init_state(self, params: list[Tensor]) -> dict[str, Any]:
+    def _init_state(self, params: list[Tensor], held: list[int], joining: bool = False) -> dict[str, Any]:
+        """A fresh state for ``params``, which are ``self.params[i]`` for ``i`` in ``held``.
+
+        ``joining``: the parameters join a running state. Their initial learning rates are then
+        drawn without the ranks of a ``problem_group``, which may not all be stepping new parameters
+        at this step.
+        """
         layout = self.layout(params)
         locals_ = [local_tensor(p) for p in params]
         dtype = _compute_dtype(locals_)
@@ -419,30 +452,52 @@ class HierarchicalRNNOptimizer(Optimizer):
         st: dict[str, Any] = {k: getattr(hrnn, k) for k in _TENSOR_FIELDS}
         if st["theta"] is not None:
             st["theta"] = flat  # from the parameters themselves: init_state rounds theta to state_dtype
-        sharding = self._sharding(params)
-        if sharding is not None:
+        sharding = Sharding(params) if joining else self._sharding(params)
+        if sharding is not None and sharding.distributed:
             # The unsharded optimizer's draws for these elements: a sharded run starts where it would.
             st["log_lr"] = sharding.initial_log_lr(self.lopt, [p.numel() for p in locals_], self.seed,
                                                    st["log_lr"].dtype, flat.device)
-        st.update(step=0, skipped=0, sizes=[p.numel() for p in locals_])
+        st.update(step=0, skipped=0, sizes=[p.numel() for p in locals_], held=list(held))
         return _feature_major(st)
 
-    def _extend_state(self, st: dict[str, Any], params: list[Tensor]) -> dict[str, Any]:
-        """Give parameters added by ``add_param_group`` (e.g. when fine-tuning unfreezes layers) a fresh state."""
-        old = list(st["sizes"])
-        sizes = [local_tensor(p).numel() for p in params]
-        if sizes[: len(old)] != old:
+    @staticmethod
+    def _check_held(st: dict[str, Any], params: list[Tensor]) -> None:
+        held = st["held"]
+        sizes = [params[i].numel() for i in held] if not held or held[-1] < len(params) else None
+        if sizes != st["sizes"]:
             raise ValueError(
-                f"The optimizer's parameters changed from sizes {old} to {sizes}; only appending parameter groups "
-                "(add_param_group) is supported after the first step. Create a new optimizer instead."
+                f"The optimizer's parameters changed: its state was made for parameters of sizes {st['sizes']} "
+                f"(parameters {held} of the optimizer's), which now have sizes {[p.numel() for p in params]}. "
+                "Only appending parameter groups (add_param_group) is supported after the first step. Create a "
+                "new optimizer instead."
             )
-        added = self._init_state(params[len(old) :])
-        merged = dict(st)
-        for k in _TENSOR_FIELDS:
-            if k == "h_global" or st[k] is None:
+
+    def _insert_state(self, st: dict[str, Any], full_params: list[Tensor], joining: list[int]) -> dict[str, Any]:
+        """Give parameters that receive their first gradient (unfrozen, or added by ``add_param_group``) a
+        fresh state, spliced in at their place in the flat order; the others keep theirs."""
+        added = self._init_state([full_params[i] for i in joining], joining, joining=True)
+        held = sorted(st["held"] + joining)
+        size = dict(zip(st["held"], st["sizes"])) | dict(zip(joining, added["sizes"]))
+        # Consecutive parameters from one source become one slice: a model of thousands of tensors
+        # splices a few runs, not one slice per tensor. A run: [source, first row, rows, first element, elements].
+        runs: list[list[Any]] = []
+        cursor = {id(st): [0, 0], id(added): [0, 0]}
+        new = set(joining)
+        for i in held:
+            src = added if i in new else st
+            at = cursor[id(src)]
+            if not (runs and runs[-1][0] is src):
+                runs.append([src, at[0], 0, at[1], 0])
+            runs[-1][2] += 1
+            runs[-1][4] += size[i]
+            at[0] += 1
+            at[1] += size[i]
+        merged = dict(st, held=held, sizes=[size[i] for i in held])
+        for k in _ELEMENT_FIELDS + ("h_tensor",):
+            if st[k] is None:
                 continue
-            merged[k] = torch.cat([st[k], added[k].to(st[k].device, st[k].dtype)])
-        merged["sizes"] = sizes
+            pieces = [src[k][r : r + nr] if k == "h_tensor" else src[k][e : e + ne] for src, r, nr, e, ne in runs]
+            merged[k] = torch.cat([x.to(st[k].device, st[k].dtype) for x in pieces])
         self._layout_cache = {}
         self._point_buffer = None
         return _feature_major(merged)
@@ -562,17 +617,26 @@ class HierarchicalRNNOptimizer(Optimizer):
         # The state covers each sharded (DTensor) parameter's local shard: the step reads and writes those.
         params = [local_tensor(p) for p in full_params]
         sharding = self._sharding(full_params)
+        # 0-element parameters have nothing to step and no per-tensor statistics: they never hold state.
+        active = [i for i, p in enumerate(full_params) if p.grad is not None and p.numel()]
         st = self.state.get(STATE_KEY)
         if st is None:
-            st = self.state[STATE_KEY] = self._init_state(full_params)
-        elif st["sizes"] != [p.numel() for p in params]:
-            st = self.state[STATE_KEY] = self._extend_state(st, full_params)
-
-        active = [i for i, p in enumerate(full_params) if p.grad is not None]
+            held = [i for i, p in enumerate(full_params) if p.numel() and (p.requires_grad or p.grad is not None)]
+            if not held:
+                return loss
+            st = self.state[STATE_KEY] = self._init_state([full_params[i] for i in held], held)
+        else:
+            self._check_held(st, params)
+            held_set = set(st["held"])
+            joining = [i for i in active if i not in held_set]
+            if joining:
+                st = self.state[STATE_KEY] = self._insert_state(st, full_params, joining)
         if not active:
             return loss
+        held = st["held"]
+        held_params = [params[i] for i in held]
         act_params = [params[i] for i in active]
-        dtype = _compute_dtype(params)
+        dtype = _compute_dtype(held_params)
         grad = torch.cat([local_tensor(full_params[i].grad).reshape(-1).to(dtype) for i in active])
         grad_max = _abs_max(grad)
         finite = math.isfinite(grad_max)
@@ -594,23 +658,25 @@ class HierarchicalRNNOptimizer(Optimizer):
         lr, wd = self._per_tensor_hyperparameters(active, device)
         point = torch.cat([p.detach().reshape(-1).to(dtype) for p in act_params])
 
-        full = len(active) == len(params)
+        full = len(active) == len(held)
         state = HRNNState(*(st[k] for k in _TENSOR_FIELDS))
+        layout = self.layout([full_params[i] for i in active])
         if full:
-            layout = self.layout(full_params)
-            index = None
+            index = rows = None
         else:
             # Only the tensors that have gradients take part; the others keep their state.
-            layout = self.layout([full_params[i] for i in active])
-            bounds = torch.tensor([0] + [p.numel() for p in params], device=device).cumsum(0)
-            index = torch.cat([torch.arange(int(bounds[i]), int(bounds[i + 1]), device=device) for i in active])
+            position = {i: k for k, i in enumerate(held)}
+            slots = [position[i] for i in active]
+            bounds = torch.tensor([0] + st["sizes"]).cumsum(0).tolist()
+            index = torch.cat([torch.arange(bounds[k], bounds[k + 1], device=device) for k in slots])
+            rows = torch.tensor(slots, device=device)
             state = state._replace(
                 **{
                     k: getattr(state, k).index_select(0, index)
                     for k in ("h_param", "momentum", "mean_square", "beta_in", "beta_sc", "log_lr")
                 },
                 theta=None if state.theta is None else state.theta.index_select(0, index),
-                h_tensor=state.h_tensor.index_select(0, torch.tensor(active, device=device)),
+                h_tensor=state.h_tensor.index_select(0, rows),
             )
 
         diagnostics = self._diagnostics_requested
@@ -638,7 +704,7 @@ class HierarchicalRNNOptimizer(Optimizer):
             finite = sharding.all_finite(finite, device)
         if not finite:
             if in_place:  # not foreseen by _may_overflow: the state is already overwritten
-                fresh = self._init_state(full_params)
+                fresh = self._init_state([full_params[i] for i in held], held)
                 st.update({k: v for k, v in fresh.items() if k in _TENSOR_FIELDS})
             st["skipped"] += 1
             if not self._warned_nonfinite_update:
@@ -658,10 +724,10 @@ class HierarchicalRNNOptimizer(Optimizer):
                 if st[k] is not None and getattr(new, k) is not st[k]:  # the fast path wrote in place
                     st[k].copy_(getattr(new, k))
         else:
-            for k in ("h_param", "momentum", "mean_square", "beta_in", "beta_sc", "log_lr", "theta"):
+            for k in _ELEMENT_FIELDS:
                 if st[k] is not None:
                     st[k].index_copy_(0, index, getattr(new, k).to(st[k].dtype))
-            st["h_tensor"].index_copy_(0, torch.tensor(active, device=device), new.h_tensor)
+            st["h_tensor"].index_copy_(0, rows, new.h_tensor)
             st["h_global"].copy_(new.h_global)
         torch._foreach_copy_([p.data for p in act_params], self._split(out.point, act_params))
         st["step"] += 1

@@ -93,6 +93,169 @@ def test_copy_in_eval_mode_keeps_the_mode(lopt) -> None:
     assert all(torch.equal(a, b) for a, b in zip(params, twin.params))
 
 
+# ---------------------------------------------------------------------------------- frozen parameters
+
+
+def _state_bytes(opt: HierarchicalRNNOptimizer) -> int:
+    st = opt.hrnn_state or {}
+    return sum(t.numel() * t.element_size() for t in st.values() if isinstance(t, torch.Tensor))
+
+
+def test_frozen_parameters_hold_no_state(lopt) -> None:
+    torch.manual_seed(0)
+    frozen = nn.Linear(1000, 1000)  # 1,001,000 parameters
+    trainable = nn.Linear(100, 100)  # 10,100 parameters
+    frozen.requires_grad_(False)
+    params = list(frozen.parameters()) + list(trainable.parameters())
+    opt = HierarchicalRNNOptimizer(params, weights=lopt, backend="eager")
+    alone = HierarchicalRNNOptimizer(
+        [p.detach().clone().requires_grad_() for p in trainable.parameters()], weights=lopt, backend="eager"
+    )
+    for o, ps in ((opt, list(trainable.parameters())), (alone, alone.params)):
+        _set_grads(ps, 0)
+        o.step()
+    assert opt.hrnn_state["held"] == [2, 3]
+    assert _state_bytes(opt) == _state_bytes(alone) < 2_000_000
+    assert all(torch.equal(a, b) for a, b in zip(trainable.parameters(), alone.params))
+
+
+def _split_model(frozen: bool) -> tuple[nn.Module, list[nn.Parameter], list[nn.Parameter]]:
+    """A model whose first layer may be frozen: the frozen tensors come first in the flat order."""
+    model = _model()
+    first, last = list(model[0].parameters()), list(model[2].parameters())
+    if frozen:
+        model[0].requires_grad_(False)
+    return model, first, last
+
+
+def _step(opt: HierarchicalRNNOptimizer, params: list[torch.Tensor], i: int) -> None:
+    _set_grads(params, i)
+    opt.step()
+    for p in params:
+        p.grad = None
+
+
+@pytest.mark.parametrize("attention", [True, False])
+def test_frozen_parameters_are_never_modified(attention: bool) -> None:
+    lopt = HierarchicalRNN(attention=attention)
+    model, first, last = _split_model(frozen=True)
+    start = [p.detach().clone() for p in first]
+    opt = HierarchicalRNNOptimizer(model.parameters(), weights=lopt, lr=0.5, backend="eager")
+    ref_params = [p.detach().clone().requires_grad_() for p in last]
+    ref = HierarchicalRNNOptimizer(ref_params, weights=lopt, lr=0.5, backend="eager")
+    for i in range(6):
+        _step(opt, last, i)
+        _step(ref, ref_params, i)
+        if i % 2:
+            opt.eval()
+            ref.eval()
+            assert all(torch.equal(a, b) for a, b in zip(first, start))
+            assert all(torch.equal(a, b) for a, b in zip(last, ref_params))
+            opt.train()
+            ref.train()
+        assert all(torch.equal(a, b) for a, b in zip(first, start))
+        assert all(torch.equal(a, b) for a, b in zip(last, ref_params))
+    assert opt.hrnn_state["held"] == [2, 3]
+
+
+@pytest.mark.parametrize("attention", [True, False])
+def test_unfrozen_parameters_get_fresh_state_in_place(attention: bool) -> None:
+    """Unfreezing the first layer mid-training: it starts moving from a fresh state, and every tensor
+    follows an optimizer that held only the trainable ones and got the unfrozen ones by add_param_group."""
+    lopt = HierarchicalRNN(attention=attention)
+    model, first, last = _split_model(frozen=True)
+    opt = HierarchicalRNNOptimizer(model.parameters(), weights=lopt, lr=0.5, backend="eager")
+    ref_last = [p.detach().clone().requires_grad_() for p in last]
+    ref_first = [p.detach().clone().requires_grad_() for p in first]
+    ref = HierarchicalRNNOptimizer(ref_last, weights=lopt, lr=0.5, backend="eager")
+    start = [p.detach().clone() for p in first]
+    for i in range(3):
+        _step(opt, last, i)
+        _step(ref, ref_last, i)
+    assert all(torch.equal(a, b) for a, b in zip(last, ref_last))
+    h_tensor_before = opt.hrnn_state["h_tensor"].clone()
+
+    model[0].requires_grad_(True)
+    ref.add_param_group({"params": ref_first})
+    _step(opt, first + last, 3)
+    _step(ref, ref_first + ref_last, 3)  # the same gradients: drawn in the model's order
+    st = opt.hrnn_state
+    assert st["held"] == [0, 1, 2, 3] and st["sizes"] == [30, 5, 15, 3]
+    assert not any(torch.equal(a, b) for a, b in zip(first, start))
+    # The unfrozen tensors' state sits before the others', as the reference's sits after them.
+    ref_st = ref.hrnn_state
+    torch.testing.assert_close(st["h_tensor"][:2], ref_st["h_tensor"][2:], rtol=1e-6, atol=1e-6)
+    assert not torch.equal(st["h_tensor"][2:], h_tensor_before)  # stepped on from where they were
+
+    # The last layer frozen again: it keeps its state and waits (the partial path).
+    for i in range(4, 9):
+        stepped = first + last if i % 2 else first
+        ref_stepped = ref_first + ref_last if i % 2 else ref_first
+        _step(opt, stepped, i)
+        _step(ref, ref_stepped, i)
+    opt.eval()
+    ref.eval()
+    for a, b in zip(first + last, ref_first + ref_last):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def _frozen_run(steps: int, seed: int, opt: HierarchicalRNNOptimizer, stepped: list[torch.Tensor]) -> None:
+    for i in range(steps):
+        _step(opt, stepped, seed + i)
+
+
+@pytest.mark.parametrize("per_parameter", [False, True])
+@pytest.mark.parametrize("unfreeze", [False, True])
+def test_state_dict_with_frozen_parameters_resumes_exactly(lopt, per_parameter: bool, unfreeze: bool) -> None:
+    model, first, last = _split_model(frozen=True)
+    opt = HierarchicalRNNOptimizer(model.parameters(), weights=lopt, backend="eager")
+    opt.per_parameter_state_dict = per_parameter
+    _frozen_run(2, 0, opt, last)
+    if unfreeze:  # the middle tensor of three held ones: the held indices are [1, 2, 3]
+        first[1].requires_grad_(True)
+        _frozen_run(1, 10, opt, [first[1]] + last)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    if per_parameter:
+        assert sorted(saved["state"]) == ([1, 2, 3] if unfreeze else [2, 3])
+
+    twin_model, twin_first, twin_last = _split_model(frozen=True)
+    twin_model.load_state_dict(model.state_dict())
+    twin = HierarchicalRNNOptimizer(twin_model.parameters(), weights=lopt, backend="eager")
+    twin.load_state_dict(saved)
+    assert twin.hrnn_state["held"] == opt.hrnn_state["held"]
+    stepped, twin_stepped = last, twin_last
+    if unfreeze:
+        twin_first[1].requires_grad_(True)
+        stepped, twin_stepped = [first[1]] + last, [twin_first[1]] + twin_last
+    _frozen_run(3, 20, opt, stepped)
+    _frozen_run(3, 20, twin, twin_stepped)
+    opt.eval()
+    twin.eval()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin_model.parameters()))
+
+
+def test_state_dict_from_before_frozen_parameters_loads(lopt) -> None:
+    """A state dict without "held" (written when every parameter held state) loads when it covers them all."""
+    params = list(_model().parameters())
+    opt = HierarchicalRNNOptimizer(params, weights=lopt, backend="eager")
+    _frozen_run(2, 0, opt, params)
+    sd = copy.deepcopy(opt.state_dict())  # state_dict() holds the live buffers, as torch.optim's do
+    del sd["state"]["hrnn"]["held"]
+    twin_params = [p.detach().clone().requires_grad_() for p in params]
+    twin = HierarchicalRNNOptimizer(twin_params, weights=lopt, backend="eager")
+    twin.load_state_dict(sd)
+    assert twin.hrnn_state["held"] == [0, 1, 2, 3]
+    _frozen_run(2, 5, opt, params)
+    _frozen_run(2, 5, twin, twin_params)
+    assert all(torch.equal(a, b) for a, b in zip(params, twin_params))
+    fewer = HierarchicalRNNOptimizer(list(_model().parameters())[:3], weights=lopt)
+    with pytest.raises(ValueError, match="sizes"):
+        fewer.load_state_dict(sd)
+
+
 # ---------------------------------------------------------------------------------- foreign state, state_dtype
 
 
@@ -381,10 +544,6 @@ def test_fuzz_never_writes_a_nonfinite_parameter(specs, attention, lr, weight_de
     groups = [{"params": params[:half]}, {"params": params[half:], "lr": lr / 2}] if two_groups and half else [
         {"params": params}
     ]
-    if any(p.numel() == 0 for p in params):
-        with pytest.raises(ValueError, match="0-element parameter"):
-            HierarchicalRNNOptimizer(groups, weights=_WEIGHTS[attention], lr=lr, weight_decay=weight_decay)
-        return
     opt = HierarchicalRNNOptimizer(groups, weights=_WEIGHTS[attention], lr=lr, weight_decay=weight_decay)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the skip warnings
@@ -428,18 +587,23 @@ def test_a_parameter_in_two_groups_is_a_clear_error() -> None:
         opt.add_param_group({"params": [q]})
 
 
-def test_zero_dim_parameters_step_and_zero_element_ones_are_a_clear_error() -> None:
+def test_zero_dim_parameters_step_and_zero_element_ones_hold_no_state() -> None:
     scalar = nn.Parameter(torch.tensor(2.0))
     empty = nn.Parameter(torch.zeros(3, 0))
-    with pytest.raises(ValueError, match=r"0-element parameter \(parameter 1 of group 0 has shape \(3, 0\)\)"):
-        HierarchicalRNNOptimizer([scalar, empty], weights=_WEIGHTS[True])
-    opt = HierarchicalRNNOptimizer([scalar], weights=_WEIGHTS[True])
-    with pytest.raises(ValueError, match="0-element parameter"):
-        opt.add_param_group({"params": [empty]})
-    assert len(opt.param_groups) == 1  # the refused group is not left behind
-    scalar.grad = torch.tensor(1.0)
-    opt.step()
+    late = nn.Parameter(torch.zeros(0))
+    opt = HierarchicalRNNOptimizer([empty, scalar], weights=_WEIGHTS[True])
+    opt.add_param_group({"params": [late]})
+    for _ in range(2):
+        scalar.grad, empty.grad, late.grad = torch.tensor(1.0), torch.zeros(3, 0), torch.zeros(0)
+        opt.step()
     assert scalar.shape == () and torch.isfinite(scalar) and scalar.item() != 2.0
+    assert opt.hrnn_state["held"] == [1] and opt.hrnn_state["sizes"] == [1]
+    opt.eval()
+    opt.train()
+    assert empty.shape == (3, 0) and late.shape == (0,)
+    only_empty = HierarchicalRNNOptimizer([empty], weights=_WEIGHTS[True])
+    only_empty.step()
+    assert only_empty.hrnn_state is None
 
 
 def test_true_parameters_outside_a_half_precision_range_are_never_swapped_in() -> None:
