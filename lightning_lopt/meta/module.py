@@ -13,6 +13,15 @@ import torch
 from torch import Tensor
 
 from lightning_lopt.hrnn import HierarchicalRNN, HRNNState, Layout, StepDiagnostics, _read_weights
+from lightning_lopt.meta.pes import (
+    ESTIMATORS,
+    ParticleSlot,
+    antithetic,
+    draw_perturbations,
+    flat_meta_parameters,
+    pes_estimate,
+    unroll_particles,
+)
 from lightning_lopt.tasks import Task, TaskDistribution
 
 __all__ = ["MetaTrainingModule", "TaskSlot", "run_inner", "meta_objective_terms"]
@@ -198,12 +207,21 @@ def _to_device(batch: Any, device: Union[torch.device, str]) -> Any:
 class MetaTrainingModule(pl.LightningModule):
     """Meta-train a :class:`~lightning_lopt.HierarchicalRNN` on a distribution of tasks.
 
-    Each ``training_step`` is one truncation: ``tasks_per_step`` tasks, stepped together in one
-    flat vector by the differentiable update rule for ``truncation_length`` inner steps; the
-    meta-objective (mean of ``log(f_t / f_0)`` at the true parameters) is backpropagated through
-    the truncation with ``manual_backward`` (so DDP averages meta-gradients across ranks).
-    Parameters and optimizer state carry across truncations without gradient; a finished task is
+    Each ``training_step`` is one truncation of ``truncation_length`` inner steps on
+    ``tasks_per_step`` tasks; the meta-objective is the mean of ``log(f_t / f_0)`` at the true
+    parameters. Parameters and optimizer state carry across truncations; a finished task is
     replaced by a new one from the seed stream of :class:`~lightning_lopt.meta.TaskDataModule`.
+    The meta-gradient comes from one of three estimators:
+
+    - ``"tbptt"``: the tasks step together in one flat vector through the differentiable update
+      rule and the meta-objective is backpropagated through the truncation. Biased toward short
+      horizons: it learns to anneal the step.
+    - ``"pes"``: persistent evolution strategies (:mod:`lightning_lopt.meta.pes`), unbiased for
+      the whole-horizon objective. Each task runs ``pes_pairs`` antithetic pairs of particles with
+      perturbed meta-parameters, forward only.
+    - ``"es_single"``: the same with one perturbation per task for its whole run.
+
+    Every estimator's meta-gradient goes through ``manual_backward``, so DDP averages it across ranks.
 
     Args:
         lopt_config: Arguments of :class:`~lightning_lopt.HierarchicalRNN` (architecture and init).
@@ -211,7 +229,17 @@ class MetaTrainingModule(pl.LightningModule):
             of ``lopt_config`` override the file's settings where the shapes stay the same.
         tasks: The training task distribution.
         tasks_per_step: Tasks stepped together in each training step.
-        truncation_length: Inner steps per training step.
+        truncation_length: Inner steps per training step (None: 16 under ``"tbptt"``, 50 under the
+            ES estimators).
+        gradient_estimator: ``"tbptt"``, ``"pes"`` or ``"es_single"`` (see above).
+        pes_sigma: Standard deviation of the ES perturbations of the meta-parameters.
+        pes_pairs: Antithetic pairs of particles per task under the ES estimators.
+        task_lengths: Task lengths drawn log-uniformly between these bounds (None: ``(100,
+            max_task_length)`` under the ES estimators; the heavy-tailed unroll distribution below
+            under ``"tbptt"``). Under the ES estimators the first task of each slot is cut to a
+            uniformly drawn part of its length, so that the slots' tasks end out of phase.
+        meta_loss_max: Under the ES estimators, each step's ``log(f_t / f_0)`` is clipped to this, and a
+            non-finite or diverged loss counts as this.
         unroll_length_mean: Mean of the exponential part of a partial unroll's length.
         unroll_length_min: Constant part of a partial unroll's length.
         num_unrolls_mean: Mean of the exponential part of the number of partial unrolls; a task runs
@@ -241,7 +269,12 @@ class MetaTrainingModule(pl.LightningModule):
         init_weights: Optional[str] = None,
         tasks: Optional[TaskDistribution] = None,
         tasks_per_step: int = 8,
-        truncation_length: int = 16,
+        truncation_length: Optional[int] = None,
+        gradient_estimator: str = "tbptt",
+        pes_sigma: float = 0.01,
+        pes_pairs: int = 8,
+        task_lengths: Optional[tuple[int, int]] = None,
+        meta_loss_max: float = 1.0,
         unroll_length_mean: float = 200.0,
         unroll_length_min: int = 50,
         num_unrolls_mean: float = 5.0,
@@ -260,8 +293,18 @@ class MetaTrainingModule(pl.LightningModule):
         super().__init__()
         if meta_optimizer not in ("adam", "rmsprop", "sgd"):
             raise ValueError(f"meta_optimizer must be 'adam', 'rmsprop' or 'sgd', got {meta_optimizer!r}.")
+        if gradient_estimator not in ESTIMATORS:
+            raise ValueError(f"gradient_estimator must be one of {ESTIMATORS}, got {gradient_estimator!r}.")
+        es = gradient_estimator != "tbptt"
+        truncation_length = truncation_length if truncation_length is not None else (50 if es else 16)
         if truncation_length < 1 or tasks_per_step < 1:
             raise ValueError("truncation_length and tasks_per_step must be >= 1.")
+        if pes_pairs < 1 or not pes_sigma > 0:
+            raise ValueError(f"pes_pairs must be >= 1 and pes_sigma > 0, got {pes_pairs} and {pes_sigma}.")
+        if task_lengths is None and es:
+            task_lengths = (min(100, max_task_length), max_task_length)
+        if task_lengths is not None and not 1 <= task_lengths[0] <= task_lengths[1]:
+            raise ValueError(f"task_lengths must be (low, high) with 1 <= low <= high, got {task_lengths}.")
         self.automatic_optimization = False
         if init_weights is not None:
             # Continue from a file; lopt_config may change settings that keep the shapes (e.g. the
@@ -272,9 +315,12 @@ class MetaTrainingModule(pl.LightningModule):
         else:
             self.lopt = HierarchicalRNN(**(lopt_config or {}))
         self.save_hyperparameters(ignore=["tasks"])
+        self.hparams["truncation_length"] = truncation_length
+        self.hparams["task_lengths"] = None if task_lengths is None else [int(v) for v in task_lengths]
         self.hparams["lopt_config"] = self.lopt.config  # what from_pretrained(ckpt) rebuilds
         self.tasks = tasks if tasks is not None else TaskDistribution()
-        self.slots: list[Optional[TaskSlot]] = [None] * tasks_per_step
+        self.slots: list[Optional[Union[TaskSlot, ParticleSlot]]] = [None] * tasks_per_step
+        self._noise_generator: Optional[torch.Generator] = None
         self.meta_skips = 0
         self.inner_divergences = 0
         self.stream_position = 0
@@ -290,6 +336,9 @@ class MetaTrainingModule(pl.LightningModule):
 
     def _task_length(self, gen: torch.Generator) -> int:
         hp = self.hparams
+        if hp.task_lengths is not None:
+            low, high = (math.log(v) for v in hp.task_lengths)
+            return int(round(math.exp(low + (high - low) * torch.rand((), generator=gen).item())))
         progress = 1.0 if hp.curriculum_steps <= 0 else min(1.0, self.global_step / hp.curriculum_steps)
 
         def exp_sample(mean: float) -> float:
@@ -329,6 +378,8 @@ class MetaTrainingModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         seeds = batch["seeds"].tolist()
         self.stream_position = int(batch["index"]) + 1
+        if self.hparams.gradient_estimator != "tbptt":
+            return self._es_training_step(seeds)
         for i, slot in enumerate(self.slots):
             if slot is None or slot.finished:
                 if slot is not None and slot.diverged:
@@ -336,55 +387,74 @@ class MetaTrainingModule(pl.LightningModule):
                 self.slots[i] = self.new_slot(seeds[i % len(seeds)])
         hp = self.hparams
         start = time.perf_counter()
-        every = hp.inner_diagnostics_interval
-        want_diag = self._diagnostics_requested or (every > 0 and self.global_step % every == 0)
         meta_loss, history, diag = run_inner(
             self.lopt,
             self.slots,
             hp.truncation_length,
             second_order=hp.second_order,
             device=self.device,
-            diagnostics_at=0 if want_diag else None,
+            diagnostics_at=0 if self._wants_diagnostics() else None,
         )
-        self._diagnostics_requested = False
-        self.last_diagnostics = diag
-        if diag is not None and hp.inner_diagnostics_interval > 0:
-            from lightning_lopt.callbacks.monitor import diagnostics_summary
-
-            sizes = [math.prod(shape) for slot in self.slots for shape in slot.shapes]
-            names = [f"task{i}.tensor{j}" for i, slot in enumerate(self.slots) for j in range(len(slot.shapes))]
-            summary = diagnostics_summary(
-                diag, names, sizes, prefix="lopt/inner", num_timescales=self.lopt.num_timescales, per_tensor=False
-            )
-            self.log_dict(summary, batch_size=len(self.slots))
-        inner_steps = sum(len(h) for h in history)
-        opt = self.optimizers()
-        opt.zero_grad()
-        skipped = True
+        self._log_inner_diagnostics(diag)
         if meta_loss is not None:
             # Some meta-parameters get no gradient on some steps (the learned initial states only when a
             # task starts; the attention read-out never in first-order mode, where the gradient at the
             # attended point is an input). A zero term keeps all in the graph, as DDP's reducer expects.
             anchor = sum(p.sum() for p in self.lopt.parameters())
-            self.manual_backward(meta_loss + 0.0 * anchor)
+            self._meta_update(meta_loss + 0.0 * anchor)
+        else:
+            self._meta_update(None)
+        self._log_step(sum(len(h) for h in history), time.perf_counter() - start, meta_loss)
+        return meta_loss.detach() if meta_loss is not None else torch.tensor(float("nan"))
+
+    def _wants_diagnostics(self) -> bool:
+        every = self.hparams.inner_diagnostics_interval
+        want = self._diagnostics_requested or (every > 0 and self.global_step % every == 0)
+        self._diagnostics_requested = False
+        return want
+
+    def _log_inner_diagnostics(self, diag: Optional[StepDiagnostics], slots: Optional[Sequence[Any]] = None) -> None:
+        self.last_diagnostics = diag
+        if diag is None or self.hparams.inner_diagnostics_interval <= 0:
+            return
+        from lightning_lopt.callbacks.monitor import diagnostics_summary
+
+        slots = self.slots if slots is None else slots
+        sizes = [math.prod(shape) for slot in slots for shape in slot.shapes]
+        names = [f"task{i}.tensor{j}" for i, slot in enumerate(slots) for j in range(len(slot.shapes))]
+        summary = diagnostics_summary(
+            diag, names, sizes, prefix="lopt/inner", num_timescales=self.lopt.num_timescales, per_tensor=False
+        )
+        self.log_dict(summary, batch_size=len(self.slots))
+
+    def _meta_update(self, objective: Optional[Tensor]) -> bool:
+        """Backpropagate ``objective`` (DDP averages the gradient), clip and step; False if skipped."""
+        hp = self.hparams
+        opt = self.optimizers()
+        opt.zero_grad()
+        if objective is not None:
+            self.manual_backward(objective)
             grads = [p.grad for p in self.lopt.parameters() if p.grad is not None]
-            finite = all(bool(torch.isfinite(g).all()) for g in grads)
-            if finite:
+            if all(bool(torch.isfinite(g).all()) for g in grads):
                 if hp.meta_grad_clip_value is not None:
                     self.clip_gradients(opt, gradient_clip_val=hp.meta_grad_clip_value, gradient_clip_algorithm="value")
                 if hp.meta_grad_clip_norm is not None:
                     self.clip_gradients(opt, gradient_clip_val=hp.meta_grad_clip_norm, gradient_clip_algorithm="norm")
                 opt.step()
-                skipped = False
-        if skipped:
-            self.meta_skips += 1
-            opt.zero_grad()
-        elapsed = time.perf_counter() - start
+                return True
+        self.meta_skips += 1
+        opt.zero_grad()
+        return False
+
+    def _log_step(
+        self, inner_steps: int, elapsed: float, meta_loss: Optional[Tensor], extra: Optional[dict[str, float]] = None
+    ) -> None:
         bs = len(self.slots)
         metrics = {
             "meta/skipped_updates": float(self.meta_skips),
             "meta/inner_divergences": float(self.inner_divergences),
             "meta/inner_steps_per_s": inner_steps / max(elapsed, 1e-9),
+            **(extra or {}),
         }
         per_family: dict[str, list[float]] = {}
         for slot in self.slots:
@@ -396,7 +466,90 @@ class MetaTrainingModule(pl.LightningModule):
         self.log_dict(metrics, batch_size=bs)
         if meta_loss is not None:
             self.log("meta/loss", meta_loss.detach(), prog_bar=True, batch_size=bs)
-        return meta_loss.detach() if meta_loss is not None else torch.tensor(float("nan"))
+
+    # ------------------------------------------------------------------ ES estimators
+
+    def _noise(self) -> torch.Generator:
+        if self._noise_generator is None:
+            # Ranks draw different perturbations; resume restores the generator's state.
+            seed = (torch.initial_seed() * 1_000_003 + 7919 * self.global_rank) % (2**63)
+            self._noise_generator = torch.Generator().manual_seed(seed)
+        return self._noise_generator
+
+    def new_particle_slot(self, seed: int, first: bool = False) -> ParticleSlot:
+        """Start the task of ``seed`` with ``2 * pes_pairs`` identical particles.
+
+        Args:
+            seed: The task's seed.
+            first: The slot's first task of the run: cut it to a uniformly drawn part of its length.
+        """
+        hp = self.hparams
+        with torch.no_grad():
+            base = self.new_slot(seed)
+        if first:
+            base.length = 1 + int(torch.randint(base.length, (), generator=base.generator))
+        p = 2 * hp.pes_pairs
+        return ParticleSlot(
+            seed=base.seed,
+            task=base.task,
+            length=base.length,
+            shapes=base.shapes,
+            generator=base.generator,
+            point=base.point.detach().unsqueeze(0).repeat(p, 1),
+            state=HRNNState(*(None if v is None else v.detach().unsqueeze(0).repeat(p, *([1] * v.dim())) for v in base.state)),
+            initial_loss=base.initial_loss,
+        )
+
+    def _es_training_step(self, seeds: list[int]) -> Tensor:
+        hp = self.hparams
+        for i, slot in enumerate(self.slots):
+            if slot is None or slot.finished:
+                if slot is not None and slot.dead is not None and bool(slot.dead.any()):
+                    self.inner_divergences += 1
+                self.slots[i] = self.new_particle_slot(seeds[i % len(seeds)], first=slot is None)
+        start = time.perf_counter()
+        theta = flat_meta_parameters(self.lopt)
+        want_diag = self._wants_diagnostics()
+        estimate = torch.zeros_like(theta)
+        losses, deltas, used, inner_steps, diag = [], [], 0, 0, None
+        for i, slot in enumerate(self.slots):
+            if hp.gradient_estimator == "es_single":
+                if slot.eps is None:
+                    slot.eps = draw_perturbations(hp.pes_pairs, theta.numel(), hp.pes_sigma, self._noise(), theta.device)
+                eps = slot.eps
+                slot.xi = eps
+            else:
+                eps = draw_perturbations(hp.pes_pairs, theta.numel(), hp.pes_sigma, self._noise(), theta.device)
+                slot.xi = eps.clone() if slot.steps_done == 0 or slot.xi is None else slot.xi + eps
+            mean_losses, ran, d = unroll_particles(
+                self.lopt, slot, antithetic(theta, eps), hp.truncation_length, hp.meta_loss_max,
+                diagnostics=want_diag and i == 0,
+            )
+            diag = diag if d is None else d
+            if mean_losses is None:
+                continue
+            estimate += pes_estimate(slot.xi, mean_losses, hp.pes_sigma)
+            losses.append(mean_losses.mean())
+            deltas.append((mean_losses[: hp.pes_pairs] - mean_losses[hp.pes_pairs :]).abs())
+            inner_steps += ran * mean_losses.numel()
+            used += 1
+        self._log_inner_diagnostics(diag, self.slots[:1])
+        meta_loss = torch.stack(losses).mean() if losses else None
+        extra: dict[str, float] = {}
+        if used:
+            estimate /= used
+            extra["meta/estimate_norm"] = float(estimate.norm())
+            extra["meta/loss_difference_median"] = float(torch.cat(deltas).median())
+            # The surrogate's gradient is the estimate, so manual_backward lets DDP average it.
+            offsets = [0] + torch.tensor([p.numel() for p in self.lopt.parameters()]).cumsum(0).tolist()
+            surrogate = sum(
+                (p * estimate[a:b].view_as(p)).sum() for p, a, b in zip(self.lopt.parameters(), offsets, offsets[1:])
+            )
+            self._meta_update(surrogate)
+        else:
+            self._meta_update(None)
+        self._log_step(inner_steps, time.perf_counter() - start, meta_loss, extra)
+        return meta_loss if meta_loss is not None else torch.tensor(float("nan"))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
@@ -487,6 +640,9 @@ class MetaTrainingModule(pl.LightningModule):
             if slot is None:
                 slots.append(None)
                 continue
+            if isinstance(slot, ParticleSlot):
+                slots.append(slot.to_checkpoint())
+                continue
             slots.append(
                 {
                     "seed": slot.seed,
@@ -506,6 +662,8 @@ class MetaTrainingModule(pl.LightningModule):
             "inner_divergences": self.inner_divergences,
             "stream_position": self.stream_position,
         }
+        if self._noise_generator is not None:
+            checkpoint["meta_noise_generator"] = self._noise_generator.get_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         counters = checkpoint.get("meta_counters", {})
@@ -513,6 +671,10 @@ class MetaTrainingModule(pl.LightningModule):
         self.inner_divergences = int(counters.get("inner_divergences", 0))
         self.stream_position = int(counters.get("stream_position", 0))
         self._pending_slots = checkpoint.get("meta_slots")
+        noise = checkpoint.get("meta_noise_generator")
+        if noise is not None:
+            self._noise_generator = torch.Generator()
+            self._noise_generator.set_state(noise)
 
     def on_train_start(self) -> None:
         pending = getattr(self, "_pending_slots", None)
@@ -521,7 +683,9 @@ class MetaTrainingModule(pl.LightningModule):
         self.slots = [None if s is None else self._restore_slot(s) for s in pending]
         self._pending_slots = None
 
-    def _restore_slot(self, saved: dict[str, Any]) -> TaskSlot:
+    def _restore_slot(self, saved: dict[str, Any]) -> Union[TaskSlot, ParticleSlot]:
+        if saved.get("kind") == "particles":
+            return ParticleSlot.from_checkpoint(saved, self.tasks.sample(int(saved["seed"])).to(self.device), self.device)
         gen = torch.Generator()
         gen.set_state(saved["generator"])
         task = self.tasks.sample(int(saved["seed"])).to(self.device)

@@ -16,6 +16,7 @@ from lightning_lopt.tasks.synthetic import (
 from lightning_lopt.tasks.wrappers import (
     GradientNoise,
     LogObjective,
+    ReparamWeights,
     Rescaled,
     SparseGradients,
     SumOfTasks,
@@ -40,6 +41,7 @@ __all__ = [
     "TaskWrapper",
     "LogObjective",
     "Rescaled",
+    "ReparamWeights",
     "SumOfTasks",
     "SparseGradients",
     "GradientNoise",

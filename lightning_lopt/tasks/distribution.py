@@ -17,7 +17,7 @@ from lightning_lopt.tasks.synthetic import (
     NormTask,
     QuadraticTask,
 )
-from lightning_lopt.tasks.wrappers import GradientNoise, LogObjective, Rescaled, SparseGradients, SumOfTasks
+from lightning_lopt.tasks.wrappers import GradientNoise, LogObjective, ReparamWeights, Rescaled, SparseGradients, SumOfTasks
 
 __all__ = ["TaskDistribution", "DEFAULT_FAMILY_WEIGHTS", "DEFAULT_GRADIENT_NOISE"]
 
@@ -88,6 +88,9 @@ class TaskDistribution:
         logistic_features: Range of logistic regression's feature count (inclusive).
         norm_dims: Range of the norm problem's dimension (inclusive).
         sum_sizes: Range of the number of summed tasks (inclusive).
+        reparam_prob: Probability of the per-tensor reparameterisation wrapper
+            (:class:`~lightning_lopt.tasks.ReparamWeights`), applied outermost.
+        reparam_range: Range of its per-tensor scales, sampled log-uniformly.
 
     Raises:
         ValueError: On an unknown family name, a negative weight, or no positive weight.
@@ -109,6 +112,8 @@ class TaskDistribution:
         logistic_features: tuple[int, int] = (10, 256),
         norm_dims: tuple[int, int] = (10, 100),
         sum_sizes: tuple[int, int] = (2, 4),
+        reparam_prob: float = 0.0,
+        reparam_range: tuple[float, float] = (1e-3, 1e3),
     ) -> None:
         weights = dict(DEFAULT_FAMILY_WEIGHTS) if family_weights is None else dict(family_weights)
         self._check_names(weights, "family_weights")
@@ -125,6 +130,7 @@ class TaskDistribution:
             log_objective_prob=log_objective_prob,
             rescale_prob=rescale_prob,
             sparse_prob=sparse_prob,
+            reparam_prob=reparam_prob,
         ).items():
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {p}.")
@@ -142,6 +148,8 @@ class TaskDistribution:
         self.logistic_features = tuple(logistic_features)
         self.norm_dims = tuple(norm_dims)
         self.sum_sizes = tuple(sum_sizes)
+        self.reparam_prob = reparam_prob
+        self.reparam_range = tuple(reparam_range)
 
     @property
     def families(self) -> list[str]:
@@ -185,6 +193,9 @@ class TaskDistribution:
             task = Rescaled(task, scale=scale)
         if sparse:
             task = SparseGradients(task, drop_prob=self.sparse_drop_prob)
+        # Drawn after the others (and only when enabled), so that the default stream of tasks is unchanged.
+        if self.reparam_prob > 0 and rng.random() < self.reparam_prob:
+            task = ReparamWeights(task, scale_range=self.reparam_range, seed=rng.getrandbits(62))
         return task
 
     @staticmethod

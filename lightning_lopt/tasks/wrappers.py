@@ -14,7 +14,7 @@ from torch import Tensor
 
 from lightning_lopt.tasks.base import Task
 
-__all__ = ["TaskWrapper", "LogObjective", "Rescaled", "SumOfTasks", "SparseGradients", "GradientNoise"]
+__all__ = ["TaskWrapper", "LogObjective", "Rescaled", "ReparamWeights", "SumOfTasks", "SparseGradients", "GradientNoise"]
 
 
 class TaskWrapper(Task):
@@ -93,6 +93,46 @@ class Rescaled(TaskWrapper):
 
     def _args(self) -> str:
         return f"scale={self.scale:.4g}"
+
+
+class ReparamWeights(TaskWrapper):
+    """Each parameter tensor in its own units: the optimizer sees ``p_i / s_i`` (Celo's ``ReparamWeights``).
+
+    The scales ``s_i`` are drawn log-uniformly in ``scale_range`` from ``seed``, one per tensor, so
+    the same task looks different tensor by tensor: an update rule that depends on the
+    parameters' units fails on it.
+
+    Args:
+        task: The wrapped task.
+        scale_range: Range of the per-tensor scales, sampled log-uniformly.
+        seed: Seed of the scales.
+    """
+
+    def __init__(self, task: Task, scale_range: tuple[float, float] = (1e-3, 1e3), seed: int = 0) -> None:
+        low, high = (float(v) for v in scale_range)
+        if not 0 < low <= high:
+            raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range}.")
+        super().__init__(task)
+        self.scale_range = (low, high)
+        count = len(task.init_params(torch.Generator().manual_seed(0)))
+        u = torch.rand(count, generator=torch.Generator().manual_seed(int(seed) % (2**63)), dtype=torch.float64)
+        self.scales = [math.exp(math.log(low) + (math.log(high) - math.log(low)) * float(v)) for v in u]
+
+    def init_params(self, generator: torch.Generator) -> list[Tensor]:
+        """The wrapped task's initial parameters, each divided by its scale."""
+        return [p / s for p, s in zip(self.task.init_params(generator), self.scales)]
+
+    def loss(self, params: Sequence[Tensor], batch: Any = None) -> Tensor:
+        """The wrapped loss at ``p_i * s_i``."""
+        return self.task.loss([p * s for p, s in zip(params, self.scales)], batch)
+
+    def transform_grads(self, grads: Sequence[Tensor], generator: Optional[torch.Generator]) -> list[Tensor]:
+        """The wrapped transform, applied in the wrapped task's coordinates."""
+        inner = self.task.transform_grads([g / s for g, s in zip(grads, self.scales)], generator)
+        return Task.transform_grads(self, [g * s for g, s in zip(inner, self.scales)], generator)
+
+    def _args(self) -> str:
+        return f"scale_range=({self.scale_range[0]:.3g}, {self.scale_range[1]:.3g})"
 
 
 class SumOfTasks(Task):

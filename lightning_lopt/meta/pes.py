@@ -1,0 +1,312 @@
+"""Evolution-strategies meta-gradients: persistent (PES) and single-perturbation (ES-Single) estimates.
+
+Truncated backpropagation optimises each truncation's loss greedily and learns to anneal the step
+to zero (the short-horizon bias). PES (Vicol et al. 2021) is unbiased for the whole-horizon
+objective: antithetic pairs of particles run the same task with ``theta + eps`` and ``theta - eps``
+from their own persistent inner states, and each pair keeps ``xi``, the sum of the perturbations
+it has run with since its task started. The estimate of one truncation is
+
+    g = 1 / (2 sigma^2) * mean_pairs xi * (L(theta + eps) - L(theta - eps))
+
+with ``L`` the truncation's mean meta-loss. ES-Single (Vicol 2023) draws one perturbation per task
+and keeps it for the task's whole run, so ``xi = eps`` and its variance does not grow with the
+number of truncations.
+
+Unrolls are forward only: the particles of a task step together through the one update rule
+(:meth:`~lightning_lopt.HierarchicalRNN.step`) under :func:`torch.func.vmap`, each with its own
+meta-parameters, and no autograd graph is built through the unroll.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from lightning_lopt.hrnn import HierarchicalRNN, HRNNState, Layout, StepDiagnostics
+from lightning_lopt.tasks import NegativeLossError, Task
+
+__all__ = [
+    "ESTIMATORS",
+    "ParticleSlot",
+    "antithetic",
+    "clipped_meta_loss",
+    "draw_perturbations",
+    "flat_meta_parameters",
+    "pes_estimate",
+    "unroll_particles",
+]
+
+ESTIMATORS = ("tbptt", "pes", "es_single")
+
+
+def clipped_meta_loss(loss: Tensor, initial_loss: Tensor, maximum: float) -> Tensor:
+    """``log(f_t / f_0)`` (with the floors of :func:`~lightning_lopt.meta.meta_objective_terms`),
+    clipped above at ``maximum``; a non-finite loss counts as ``maximum``.
+
+    A particle that diverges thus scores badly but finitely, and never turns the estimate into NaN.
+    """
+    terms = torch.log(loss / (initial_loss + 1e-6) + 1e-6)
+    return torch.where(torch.isfinite(terms), terms.clamp(max=maximum), torch.full_like(terms, maximum))
+
+
+def flat_meta_parameters(lopt: HierarchicalRNN) -> Tensor:
+    """All meta-parameters as one detached flat vector, in ``named_parameters`` order."""
+    return torch.cat([p.detach().reshape(-1) for p in lopt.parameters()])
+
+
+@dataclass
+class ParticleSlot:
+    """One task in flight under an ES estimator: ``2 * pairs`` particles over the same task.
+
+    Particle ``i < pairs`` runs with ``theta + eps_i``, particle ``pairs + i`` with ``theta - eps_i``.
+
+    Attributes:
+        seed: The task's seed.
+        task: The task.
+        length: Inner steps the task runs.
+        shapes: Shapes of the task's parameter tensors.
+        generator: The task's generator (batches and gradient noise), shared by all particles.
+        point: Where each particle takes its next gradient, ``(2 * pairs, n)``.
+        state: The particles' optimizer states, each field with a leading ``2 * pairs`` dimension.
+        initial_loss: The task's loss at initialisation (the same for every particle).
+        xi: Per pair, the sum of the perturbations since the task started, ``(pairs, D)``.
+        eps: ES-Single's perturbation, drawn when the task starts, ``(pairs, D)``; None under PES.
+        steps_done: Inner steps completed.
+        dead: Particles whose loss or parameters went non-finite, ``(2 * pairs,)``.
+        last_loss: Mean over live particles of the last loss at the true parameters.
+    """
+
+    seed: int
+    task: Task
+    length: int
+    shapes: list[torch.Size]
+    generator: torch.Generator
+    point: Tensor
+    state: HRNNState
+    initial_loss: Tensor
+    xi: Optional[Tensor] = None
+    eps: Optional[Tensor] = None
+    steps_done: int = 0
+    dead: Optional[Tensor] = None
+    last_loss: float = float("nan")
+
+    @property
+    def numel(self) -> int:
+        """Number of scalar parameters of the task."""
+        return sum(math.prod(s) for s in self.shapes)
+
+    @property
+    def finished(self) -> bool:
+        """True once the task has run its length, or every particle diverged."""
+        return self.steps_done >= self.length or (self.dead is not None and bool(self.dead.all()))
+
+    def layout(self) -> Layout:
+        """The layout of one particle's flat vector (one problem)."""
+        return Layout.build([math.prod(s) for s in self.shapes], device=self.point.device)
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        """Tensors and primitives that :meth:`from_checkpoint` restores exactly."""
+        return {
+            "kind": "particles",
+            "seed": self.seed,
+            "length": self.length,
+            "steps_done": self.steps_done,
+            "last_loss": self.last_loss,
+            "generator": self.generator.get_state(),
+            "point": self.point.cpu(),
+            "initial_loss": self.initial_loss.cpu(),
+            "xi": None if self.xi is None else self.xi.cpu(),
+            "eps": None if self.eps is None else self.eps.cpu(),
+            "dead": None if self.dead is None else self.dead.cpu(),
+            "state": {k: (None if v is None else v.cpu()) for k, v in self.state._asdict().items()},
+        }
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any], task: Task, device: torch.device) -> "ParticleSlot":
+        """Rebuild a slot saved by :meth:`to_checkpoint` around ``task`` (made again from its seed)."""
+        gen = torch.Generator()
+        gen.set_state(saved["generator"])
+
+        def dev(t: Optional[Tensor]) -> Optional[Tensor]:
+            return None if t is None else t.to(device)
+
+        return cls(
+            seed=int(saved["seed"]),
+            task=task,
+            length=int(saved["length"]),
+            shapes=[p.shape for p in task.init_params(torch.Generator().manual_seed(0))],
+            generator=gen,
+            point=saved["point"].to(device),
+            state=HRNNState(**{k: dev(v) for k, v in saved["state"].items()}),
+            initial_loss=saved["initial_loss"].to(device),
+            xi=dev(saved["xi"]),
+            eps=dev(saved["eps"]),
+            steps_done=int(saved["steps_done"]),
+            dead=dev(saved["dead"]),
+            last_loss=float(saved["last_loss"]),
+        )
+
+
+class _StepCall(nn.Module):
+    """``forward`` is the update rule, so :func:`torch.func.functional_call` can swap its weights."""
+
+    def __init__(self, lopt: HierarchicalRNN) -> None:
+        super().__init__()
+        self.lopt = lopt
+
+    def forward(self, state: HRNNState, point: Tensor, grad: Tensor, layout: Layout) -> tuple[Tensor, HRNNState]:
+        out = self.lopt.step(state, point, grad, layout, backend="eager")
+        return out.point, out.state
+
+
+def _stacked_parameters(lopt: HierarchicalRNN, flat: Tensor) -> dict[str, Tensor]:
+    """``(particles, D)`` flat meta-parameters -> ``{"lopt." + name: (particles, *shape)}``."""
+    out, offset = {}, 0
+    for name, p in lopt.named_parameters():
+        n = p.numel()
+        out["lopt." + name] = flat[:, offset : offset + n].reshape(flat.shape[0], *p.shape)
+        offset += n
+    return out
+
+
+def _start_particles(lopt: HierarchicalRNN, slot: ParticleSlot, params: dict[str, Tensor]) -> None:
+    # The learned initial RNN states are meta-parameters too: each particle starts from its own.
+    p = slot.point.shape[0]
+    st = slot.state
+    slot.state = st._replace(
+        h_param=params["lopt.h0_param"].unsqueeze(1).expand(p, st.h_param.shape[1], -1).to(st.h_param.dtype).clone(),
+        h_tensor=params["lopt.h0_tensor"].unsqueeze(1).expand(p, st.h_tensor.shape[1], -1).to(st.h_tensor.dtype).clone(),
+        h_global=params["lopt.h0_global"].unsqueeze(1).expand(p, st.h_global.shape[1], -1).to(st.h_global.dtype).clone(),
+    )
+
+
+def _transform_particle_grads(slot: ParticleSlot, grads: Tensor) -> Tensor:
+    """The task's gradient transform (noise, sparsity) with the same draws for every particle."""
+    split = [math.prod(s) for s in slot.shapes]
+
+    def one(g: Tensor) -> list[Tensor]:
+        return slot.task.transform_grads([v.view(s) for v, s in zip(g.split(split), slot.shapes)], slot.generator)
+
+    parts0 = [v.view(s) for v, s in zip(grads[0].split(split), slot.shapes)]
+    snapshot = slot.generator.get_state()
+    first = slot.task.transform_grads(parts0, slot.generator)
+    if all(a is b for a, b in zip(first, parts0)):
+        return grads  # the identity: nothing drawn, nothing changed
+    rows = [torch.cat([t.reshape(-1) for t in first])]
+    for i in range(1, grads.shape[0]):
+        slot.generator.set_state(snapshot)
+        rows.append(torch.cat([t.reshape(-1) for t in one(grads[i])]))
+    return torch.stack(rows)
+
+
+def unroll_particles(
+    lopt: HierarchicalRNN,
+    slot: ParticleSlot,
+    perturbed: Tensor,
+    num_steps: int,
+    meta_loss_max: float,
+    diagnostics: bool = False,
+) -> tuple[Optional[Tensor], int, Optional[StepDiagnostics]]:
+    """Advance every particle of ``slot`` by up to ``num_steps`` inner steps, without autograd graph.
+
+    Args:
+        lopt: The meta-parameters' module (its weights are replaced per particle).
+        slot: The task and its particles (updated in place).
+        perturbed: Each particle's flat meta-parameters, ``(2 * pairs, D)``.
+        num_steps: Truncation length (fewer steps if the task ends first).
+        meta_loss_max: Clip of the per-step meta-loss; also the score of a non-finite loss.
+        diagnostics: Also return the update rule's diagnostics at the first step, computed with
+            the unperturbed meta-parameters on the first particle's inputs.
+
+    Returns:
+        ``(L, steps, diagnostics)``: each particle's mean meta-loss over the steps run, ``(2 * pairs,)``
+        (None if no step ran), the number of steps, and the diagnostics (or None).
+    """
+    params = _stacked_parameters(lopt, perturbed)
+    if slot.steps_done == 0:
+        _start_particles(lopt, slot, params)
+    if slot.dead is None:
+        slot.dead = torch.zeros(perturbed.shape[0], dtype=torch.bool, device=slot.point.device)
+    layout = slot.layout()
+    sizes = [math.prod(s) for s in slot.shapes]
+
+    def loss_of(flat: Tensor, batch: Any) -> Tensor:
+        return slot.task.loss([v.view(s) for v, s in zip(flat.split(sizes), slot.shapes)], batch)
+
+    grads_and_losses = vmap(grad_and_value(loss_of), in_dims=(0, None))
+    losses_at = vmap(loss_of, in_dims=(0, None))
+    caller = _StepCall(lopt)
+    step = vmap(lambda prm, st, pt, g: functional_call(caller, prm, (st, pt, g, layout)))
+    steps = max(0, min(num_steps, slot.length - slot.steps_done))
+    total = torch.zeros(perturbed.shape[0], dtype=torch.float32, device=slot.point.device)
+    diag = None
+    point, state = slot.point, slot.state
+    ran = 0
+    for t in range(steps):
+        batch = slot.task.sample_batch(slot.generator)
+        batch = _to_device(batch, point.device)
+        grads, _ = grads_and_losses(point, batch)
+        grads = _transform_particle_grads(slot, grads)
+        finite_grad = torch.isfinite(grads).all(1)
+        # A particle whose gradient is non-finite has diverged; zeros keep its lane harmless.
+        grads = torch.where(finite_grad.unsqueeze(1), grads, torch.zeros_like(grads))
+        if diagnostics and t == 0:
+            with torch.no_grad():
+                one = HRNNState(*(None if v is None else v[0] for v in state))
+                diag = lopt.step(one, point[0], grads[0], layout, diagnostics=True, backend="eager").diagnostics
+        # The step runs with grad mode on so that it takes its one-chunk reference path (its
+        # inputs do not require grad, so no graph is recorded).
+        with torch.enable_grad():
+            point, state = step(params, state, point, grads)
+        theta = state.theta if lopt.attention else point
+        with torch.no_grad():
+            losses = losses_at(theta, batch)
+        finite = torch.isfinite(losses)
+        if bool((losses[finite] < 0).any()):
+            raise NegativeLossError(
+                f"Task {slot.task!r} (family {slot.task.family!r}) returned a negative loss "
+                f"{float(losses[finite].min()):.4g}; the meta-objective log(f_t / f_0) needs losses >= 0. "
+                "Shift or square the objective."
+            )
+        slot.dead = slot.dead | ~finite | ~finite_grad | ~torch.isfinite(theta).all(1)
+        terms = clipped_meta_loss(losses.float(), slot.initial_loss.float(), meta_loss_max)
+        total += torch.where(slot.dead, torch.full_like(terms, meta_loss_max), terms)
+        ran += 1
+        live = losses[~slot.dead]
+        slot.last_loss = float(live.mean()) if live.numel() else float("nan")
+    slot.point, slot.state = point, state
+    slot.steps_done += ran
+    return (total / ran if ran else None), ran, diag
+
+
+def pes_estimate(xi: Tensor, losses: Tensor, sigma: float) -> Tensor:
+    """``1 / (2 sigma^2) * mean_pairs xi * (L+ - L-)`` for ``xi`` of shape ``(pairs, D)`` and
+    ``losses`` ``(2 * pairs,)`` ordered ``[+eps_0 .. +eps_{k-1}, -eps_0 .. -eps_{k-1}]``."""
+    pairs = xi.shape[0]
+    delta = losses[:pairs] - losses[pairs:]
+    return (xi * delta.unsqueeze(1)).mean(0) / (2.0 * sigma**2)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def antithetic(theta: Tensor, eps: Tensor) -> Tensor:
+    """``(2 * pairs, D)`` particle parameters ``[theta + eps_i ..., theta - eps_i ...]``."""
+    return torch.cat([theta + eps, theta - eps])
+
+
+def draw_perturbations(pairs: int, dim: int, sigma: float, generator: torch.Generator, device: torch.device) -> Tensor:
+    """``(pairs, dim)`` Gaussian perturbations of standard deviation ``sigma`` (drawn on the CPU)."""
+    return (sigma * torch.randn(pairs, dim, generator=generator)).to(device)

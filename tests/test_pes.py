@@ -1,0 +1,375 @@
+"""ES meta-gradients (PES, ES-Single): particles follow the update rule, the estimate is unbiased for
+the whole horizon where truncated backprop is not, and PES meta-training resumes exactly."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_lopt import HierarchicalRNN
+from lightning_lopt.hrnn import Layout
+from lightning_lopt.meta import MetaTrainingModule, TaskDataModule, TaskSlot, run_inner
+from lightning_lopt.meta.pes import (
+    ParticleSlot,
+    antithetic,
+    clipped_meta_loss,
+    draw_perturbations,
+    flat_meta_parameters,
+    pes_estimate,
+    unroll_particles,
+)
+from lightning_lopt.tasks import GradientNoise, QuadraticTask, ReparamWeights, Task, TaskDistribution
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_meta import QuadDistribution, _meta_trainer  # noqa: E402
+
+
+def _slot(lopt: HierarchicalRNN, task: Task, length: int, seed: int = 0) -> TaskSlot:
+    gen = torch.Generator().manual_seed(seed)
+    params = task.init_params(gen)
+    point = torch.cat([p.reshape(-1) for p in params])
+    slot = TaskSlot(seed=seed, task=task, length=length, shapes=[p.shape for p in params], generator=gen)
+    slot.point = point
+    slot.state = lopt.init_state(Layout.build([p.numel() for p in params]), theta=point, generator=gen)
+    with torch.no_grad():
+        slot.initial_loss = task.loss(params, task.sample_batch(gen)).detach()
+    return slot
+
+
+def _particles(base: TaskSlot, count: int) -> ParticleSlot:
+    return ParticleSlot(
+        seed=base.seed, task=base.task, length=base.length, shapes=base.shapes, generator=base.generator,
+        point=base.point.detach().unsqueeze(0).repeat(count, 1),
+        state=type(base.state)(*(None if v is None else v.detach().unsqueeze(0).repeat(count, *[1] * v.dim())
+                                 for v in base.state)),
+        initial_loss=base.initial_loss,
+    )
+
+
+def _noisy_quadratic() -> Task:
+    return GradientNoise(QuadraticTask(dim=20, seed=3), noise=1.0)
+
+
+def test_unperturbed_particles_follow_the_update_rule():
+    """Every particle at theta steps exactly as the reference unroll, gradient noise draws included."""
+    lopt = HierarchicalRNN.from_pretrained("default")
+    task = ReparamWeights(_noisy_quadratic(), seed=1)
+    reference = _slot(lopt, task, 60)
+    particles = _particles(_slot(lopt, task, 60), 4)
+    with torch.no_grad():
+        _, hist, _ = run_inner(lopt, [reference], 30)
+    theta = flat_meta_parameters(lopt)
+    losses, ran, _ = unroll_particles(lopt, particles, antithetic(theta, torch.zeros(2, theta.numel())), 30, 1.0)
+    assert ran == 30 == particles.steps_done
+    for i in range(4):
+        torch.testing.assert_close(particles.point[i], reference.point, rtol=1e-5, atol=1e-6)
+    expected = clipped_meta_loss(torch.tensor(hist[0]), reference.initial_loss, 1.0).mean()
+    torch.testing.assert_close(losses, expected.expand(4), rtol=1e-4, atol=1e-5)
+    # The task's generator advanced as one task's would: the next batch and noise match.
+    assert torch.equal(particles.generator.get_state(), reference.generator.get_state())
+
+
+class _Cliff(Task):
+    """``||x||^2`` that turns non-finite once any coordinate passes 10."""
+
+    family = "cliff"
+
+    def init_params(self, generator):
+        return [torch.randn(8, generator=generator)]
+
+    def loss(self, params, batch):
+        x = params[0]
+        return (x * x).sum() + torch.where((x.abs() > 10).any(), torch.tensor(float("inf")), torch.tensor(0.0))
+
+
+def test_diverging_particles_score_the_maximum_and_never_nan():
+    """A particle whose loss goes non-finite counts as meta_loss_max; the estimate stays finite."""
+    lopt = HierarchicalRNN.from_pretrained("default")
+    theta = flat_meta_parameters(lopt)
+    # Perturb only the step offset c, hard: the + particle takes steps e^5 times larger and diverges.
+    index = _index_of(lopt, "step_offset")
+    eps = torch.zeros(1, theta.numel())
+    eps[0, index] = 8.0
+    slot = _particles(_slot(lopt, _Cliff(), 40), 2)
+    losses, ran, _ = unroll_particles(lopt, slot, antithetic(theta, eps), 40, 1.0)
+    assert ran == 40
+    assert slot.dead.tolist() == [True, False]
+    assert losses[0] > losses[1] and torch.isfinite(losses).all()
+    assert losses[0] <= 1.0
+    estimate = pes_estimate(eps, losses, 0.01)
+    assert torch.isfinite(estimate).all() and estimate[index] > 0  # pushes c down, away from divergence
+
+
+def _index_of(lopt: HierarchicalRNN, name: str) -> int:
+    offset = 0
+    for n, p in lopt.named_parameters():
+        if n == name:
+            return offset
+        offset += p.numel()
+    raise KeyError(name)
+
+
+def _whole_horizon(lopt: HierarchicalRNN, task_fn, horizon: int, seed: int) -> float:
+    slot = _slot(lopt, task_fn(), horizon, seed)
+    with torch.no_grad():
+        _, hist, _ = run_inner(lopt, [slot], horizon)
+    assert len(hist[0]) == horizon
+    return float(clipped_meta_loss(torch.tensor(hist[0]), slot.initial_loss, 1.0).mean())
+
+
+def _tbptt_estimate(lopt: HierarchicalRNN, task_fn, horizon: int, truncation: int, seed: int, name: str) -> float:
+    """The mean over a horizon of the truncated-backprop gradients of one meta-parameter."""
+    slot = _slot(lopt, task_fn(), horizon, seed)
+    param = dict(lopt.named_parameters())[name]
+    total, count = 0.0, 0
+    while not slot.finished:
+        lopt.zero_grad()
+        meta_loss, _, _ = run_inner(lopt, [slot], truncation)
+        meta_loss.backward()
+        total, count = total + float(param.grad), count + 1
+    lopt.zero_grad()
+    return total / count
+
+
+def _pes_per_pair(lopt, task_fn, horizon, truncation, seed, name, pairs, sigma, es_single=False) -> torch.Tensor:
+    """Per-pair PES (or ES-Single) estimates of d(whole-horizon objective)/d(name), perturbing only it."""
+    theta = flat_meta_parameters(lopt)
+    j = _index_of(lopt, name)
+    noise = torch.Generator().manual_seed(1000 + seed)
+    slot = _particles(_slot(lopt, task_fn(), horizon, seed), 2 * pairs)
+    xi = torch.zeros(pairs, theta.numel())
+    fixed = torch.zeros(pairs, theta.numel())
+    fixed[:, j] = sigma * torch.randn(pairs, generator=noise)
+    total = torch.zeros(pairs)
+    while not slot.finished:
+        eps = fixed if es_single else torch.zeros(pairs, theta.numel())
+        if not es_single:
+            eps[:, j] = sigma * torch.randn(pairs, generator=noise)
+        xi = eps if es_single else xi + eps
+        losses, ran, _ = unroll_particles(lopt, slot, antithetic(theta, eps), truncation, 1.0)
+        delta = losses[:pairs] - losses[pairs:]
+        # Each truncation's estimate, weighted by its steps: the whole horizon is their mean.
+        total += xi[:, j] * delta / (2 * sigma**2) * ran
+    return total / horizon
+
+
+def test_pes_follows_the_whole_horizon_where_truncated_backprop_anneals():
+    """The short-horizon bias and its cure, on a noisy quadratic with the shipped weights.
+
+    d/d b_log_lr of the whole 300-step objective is negative (a slower decay of the learning rate
+    helps), but 16-step truncated backprop says positive: it keeps teaching the rule to anneal.
+    PES over the same horizon agrees with the finite difference in sign and within its interval.
+    """
+    lopt = HierarchicalRNN.from_pretrained("default")
+    name, horizon, h = "b_log_lr", 300, 0.02
+    b = lopt.b_log_lr.detach().clone()
+
+    def at(value: float) -> float:
+        with torch.no_grad():
+            lopt.b_log_lr.copy_(b + value)
+        return _whole_horizon(lopt, _noisy_quadratic, horizon, seed=0)
+
+    fd = (at(h) - at(-h)) / (2 * h)
+    with torch.no_grad():
+        lopt.b_log_lr.copy_(b)
+    tbptt = _tbptt_estimate(lopt, _noisy_quadratic, horizon, 16, seed=0, name=name)
+    per_pair = _pes_per_pair(lopt, _noisy_quadratic, horizon, 50, seed=0, name=name, pairs=24, sigma=0.01)
+    mean, sem = float(per_pair.mean()), float(per_pair.std() / math.sqrt(per_pair.numel()))
+    assert fd < 0 < tbptt, (fd, tbptt)
+    assert mean < 0, (mean, sem, fd)
+    assert abs(mean - fd) < 3 * sem, (mean, sem, fd)
+
+
+def test_pes_and_es_single_are_unbiased_on_a_tiny_problem():
+    """On a noise-free 2-D quadratic over 100 steps, the mean of many PES estimates (and of ES-Single's)
+    lies within its 99.7% interval of the finite-difference derivative of the whole-horizon objective."""
+
+    def task_fn():
+        return QuadraticTask(dim=2, seed=5)
+
+    lopt = HierarchicalRNN.from_pretrained("default")
+    name, horizon, h = "step_offset", 100, 0.01
+    c = lopt.step_offset.detach().clone()
+
+    def at(value: float) -> float:
+        with torch.no_grad():
+            lopt.step_offset.copy_(c + value)
+        return _whole_horizon(lopt, task_fn, horizon, seed=0)
+
+    fd = (at(h) - at(-h)) / (2 * h)
+    with torch.no_grad():
+        lopt.step_offset.copy_(c)
+    assert abs(fd) > 1e-3  # a derivative worth estimating
+    for es_single in (False, True):
+        per_pair = _pes_per_pair(lopt, task_fn, horizon, 25, seed=0, name=name, pairs=64, sigma=0.01, es_single=es_single)
+        mean, sem = float(per_pair.mean()), float(per_pair.std() / math.sqrt(per_pair.numel()))
+        assert abs(mean - fd) < 3 * sem, (es_single, mean, sem, fd)
+        assert sem < abs(fd), (es_single, sem, fd)  # the interval is tight enough to mean something
+
+
+def _pes_module(**kw) -> MetaTrainingModule:
+    args = dict(tasks=QuadDistribution(), tasks_per_step=2, gradient_estimator="pes", pes_pairs=2,
+                truncation_length=4, task_lengths=(6, 14), meta_lr=1e-3)
+    return MetaTrainingModule(**{**args, **kw})
+
+
+class _Recording(MetaTrainingModule):
+    """Checks, after each meta-step, each slot's xi against perturbations redrawn from the noise stream."""
+
+    def training_step(self, batch, batch_idx):
+        mirror = torch.Generator()
+        mirror.set_state(self._noise().get_state())
+        before = [None if s is None else id(s) for s in self.slots]
+        out = super().training_step(batch, batch_idx)
+        dim = flat_meta_parameters(self.lopt).numel()
+        for i, slot in enumerate(self.slots):
+            eps = draw_perturbations(self.hparams.pes_pairs, dim, self.hparams.pes_sigma, mirror, torch.device("cpu"))
+            restarted = before[i] != id(slot)
+            self.sums[i] = eps if restarted else self.sums[i] + eps
+            self.restarts += int(restarted and before[i] is not None)
+            torch.testing.assert_close(slot.xi, self.sums[i], rtol=0, atol=0)
+        return out
+
+
+def test_pes_xi_sums_the_perturbations_since_the_task_started(tmp_path):
+    """xi is the running sum of each pair's perturbations, and restarts with a new task."""
+    pl.seed_everything(0)
+    module = _Recording(tasks=QuadDistribution(), tasks_per_step=2, gradient_estimator="pes", pes_pairs=2,
+                        truncation_length=4, task_lengths=(6, 14))
+    module.sums, module.restarts = {}, 0
+    _meta_trainer(tmp_path, 10, enable_checkpointing=False).fit(module, TaskDataModule(tasks_per_step=2))
+    assert module.restarts >= 2  # tasks ended and xi started again
+
+
+def test_task_lengths_are_log_uniform_within_bounds():
+    module = MetaTrainingModule(tasks=QuadDistribution(), gradient_estimator="pes", max_task_length=5000)
+    assert module.hparams.truncation_length == 50 and module.hparams.task_lengths == [100, 5000]
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([module._task_length(gen) for _ in range(4000)], dtype=torch.float64)
+    assert 100 <= lengths.min() and lengths.max() <= 5000
+    # Log-uniform: the median is the geometric mean of the bounds (about 707).
+    assert 600 < float(lengths.median()) < 830
+    assert MetaTrainingModule(tasks=QuadDistribution()).hparams.truncation_length == 16
+
+
+def test_bad_estimator_settings_are_refused():
+    with pytest.raises(ValueError, match="gradient_estimator"):
+        MetaTrainingModule(tasks=QuadDistribution(), gradient_estimator="reinforce")
+    with pytest.raises(ValueError, match="pes_pairs"):
+        MetaTrainingModule(tasks=QuadDistribution(), gradient_estimator="pes", pes_pairs=0)
+
+
+@pytest.mark.parametrize("estimator", ["pes", "es_single"])
+def test_es_meta_training_resumes_exactly(tmp_path, estimator):
+    """Fit N, resume to 2N == an uninterrupted 2N run: meta-parameters, particles, xi, noise."""
+    pl.seed_everything(0)
+    full = _pes_module(gradient_estimator=estimator)
+    _meta_trainer(tmp_path / "full", 8, enable_checkpointing=False).fit(full, TaskDataModule(tasks_per_step=2))
+
+    pl.seed_everything(0)
+    first = _pes_module(gradient_estimator=estimator)
+    ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    _meta_trainer(tmp_path / "a", 4, callbacks=[ckpt_cb]).fit(first, TaskDataModule(tasks_per_step=2))
+    ckpt = next((tmp_path / "ckpt").glob("*step=4*.ckpt"))
+    torch.load(ckpt, weights_only=True)
+
+    pl.seed_everything(123)  # resume must not depend on the global seed
+    resumed = _pes_module(gradient_estimator=estimator)
+    _meta_trainer(tmp_path / "b", 8, enable_checkpointing=False).fit(resumed, TaskDataModule(tasks_per_step=2), ckpt_path=ckpt)
+    moved = False
+    start = _pes_module().lopt.state_dict()
+    for (name, a), b in zip(full.lopt.state_dict().items(), resumed.lopt.state_dict().values()):
+        assert torch.equal(a, b), name
+        moved = moved or not torch.equal(a, start[name])
+    assert moved
+    for a, b in zip(full.slots, resumed.slots):
+        assert a.seed == b.seed and a.steps_done == b.steps_done
+        assert torch.equal(a.xi, b.xi) and torch.equal(a.point, b.point)
+
+
+def test_reparam_weights_changes_units_not_the_problem():
+    """Per-tensor scales in [1e-3, 1e3]; the loss at the scaled initialisation equals the original's."""
+    inner = TaskDistribution().sample_family("mlp", 3)
+    task = ReparamWeights(inner, seed=7)
+    assert len(set(task.scales)) == len(task.scales) > 1
+    assert all(1e-3 <= s <= 1e3 for s in task.scales)
+    p_inner = inner.init_params(torch.Generator().manual_seed(0))
+    p = task.init_params(torch.Generator().manual_seed(0))
+    batch = inner.sample_batch(torch.Generator().manual_seed(1))
+    torch.testing.assert_close(task.loss(p, batch), inner.loss(p_inner, batch))
+    for a, b, scale in zip(p, p_inner, task.scales):
+        torch.testing.assert_close(a * scale, b)
+    grads = torch.autograd.grad(task.loss([t.requires_grad_() for t in p], batch), p)
+    inner_grads = torch.autograd.grad(inner.loss([t.requires_grad_() for t in p_inner], batch), p_inner)
+    for g, gi, scale in zip(grads, inner_grads, task.scales):
+        torch.testing.assert_close(g, gi * scale, rtol=1e-4, atol=1e-6)  # the optimizer sees gradients in its own units
+    wrapped = TaskDistribution(reparam_prob=1.0).sample(11)
+    assert isinstance(wrapped, ReparamWeights)
+    # Off by default, and the default stream of tasks is unchanged by the new option.
+    assert repr(TaskDistribution().sample(11)) == repr(TaskDistribution(reparam_prob=0.0).sample(11))
+
+
+@pytest.mark.parametrize("config", ["meta_train.yaml", "meta_train_pes.yaml"])
+def test_meta_training_configs_accept_the_pes_estimator(tmp_path, monkeypatch, config):
+    """``--model.init_args.gradient_estimator=pes`` on the shipped configs builds a PES module."""
+    from lightning_lopt.cli import build_cli
+
+    monkeypatch.setattr("sys.argv", ["lightning-lopt"])
+    threads = torch.get_num_threads()
+    root = Path(__file__).parents[1]
+    cli = build_cli(
+        [f"--config={root / 'configs' / config}", "--model.init_args.gradient_estimator=pes",
+         "--model.init_args.pes_pairs=3", f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+         "--trainer.callbacks=[]"],
+        run=False,
+    )
+    torch.set_num_threads(threads)
+    assert cli.model.hparams.gradient_estimator == "pes" and cli.model.hparams.pes_pairs == 3
+    assert cli.model.hparams.truncation_length in (16, 50)
+
+
+DDP_PES_SCRIPT = """
+import sys, torch, lightning.pytorch as pl
+sys.path.insert(0, {tests!r})
+from test_meta import QuadDistribution
+from lightning_lopt.meta import MetaTrainingModule, TaskDataModule
+
+pl.seed_everything(0)
+module = MetaTrainingModule(tasks=QuadDistribution(), tasks_per_step=2, gradient_estimator="pes", pes_pairs=2,
+                            truncation_length=4, task_lengths=(6, 14), num_threads=1, meta_lr=1e-3)
+trainer = pl.Trainer(max_steps=4, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
+                     enable_model_summary=False)
+trainer.fit(module, TaskDataModule(tasks_per_step=2))
+torch.save({{"params": module.lopt.state_dict(), "seeds": [s.seed for s in module.slots],
+            "xi": [s.xi for s in module.slots]}}, {out!r} + f"/rank{{trainer.global_rank}}.pt")
+"""
+
+
+def test_pes_under_ddp_averages_the_estimate_across_ranks(tmp_path):
+    """Two processes run different tasks and perturbations yet end with identical meta-parameters."""
+    import os
+    import subprocess
+
+    from test_meta import _free_port
+
+    script = tmp_path / "ddp_pes.py"
+    script.write_text(DDP_PES_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), PYTHONWARNINGS="ignore")
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run([sys.executable, str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert not set(r0["seeds"]) & set(r1["seeds"])
+    assert not torch.equal(r0["xi"][0], r1["xi"][0])  # each rank draws its own perturbations
+    start = _pes_module().lopt.state_dict()
+    moved = False
+    for name, value in r0["params"].items():
+        assert torch.equal(value, r1["params"][name]), name
+        moved = moved or not torch.equal(value, start[name])
+    assert moved
