@@ -324,6 +324,7 @@ class MetaTrainingModule(pl.LightningModule):
         self.meta_skips = 0
         self.inner_divergences = 0
         self.stream_position = 0
+        self._train_seconds = 0.0
         self._adam_reference: dict[int, float] = {}
         self._diagnostics_requested = False
         self.last_diagnostics: Optional[StepDiagnostics] = None
@@ -450,10 +451,12 @@ class MetaTrainingModule(pl.LightningModule):
         self, inner_steps: int, elapsed: float, meta_loss: Optional[Tensor], extra: Optional[dict[str, float]] = None
     ) -> None:
         bs = len(self.slots)
+        self._train_seconds += elapsed
         metrics = {
             "meta/skipped_updates": float(self.meta_skips),
             "meta/inner_divergences": float(self.inner_divergences),
             "meta/inner_steps_per_s": inner_steps / max(elapsed, 1e-9),
+            "meta/train_seconds": self._train_seconds,
             **(extra or {}),
         }
         per_family: dict[str, list[float]] = {}
@@ -661,6 +664,7 @@ class MetaTrainingModule(pl.LightningModule):
             "meta_skips": self.meta_skips,
             "inner_divergences": self.inner_divergences,
             "stream_position": self.stream_position,
+            "train_seconds": self._train_seconds,
         }
         if self._noise_generator is not None:
             checkpoint["meta_noise_generator"] = self._noise_generator.get_state()
@@ -670,6 +674,7 @@ class MetaTrainingModule(pl.LightningModule):
         self.meta_skips = int(counters.get("meta_skips", 0))
         self.inner_divergences = int(counters.get("inner_divergences", 0))
         self.stream_position = int(counters.get("stream_position", 0))
+        self._train_seconds = float(counters.get("train_seconds", 0.0))
         self._pending_slots = checkpoint.get("meta_slots")
         noise = checkpoint.get("meta_noise_generator")
         if noise is not None:
