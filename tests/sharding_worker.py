@@ -2,7 +2,7 @@
 
 ``python tests/sharding_worker.py SCENARIO OUT.json`` starts 2 gloo processes on a free port; rank 0
 writes what it measured to OUT.json. Scenarios: ``fsdp`` (FSDP2 equality in fp32 and bf16 state,
-uneven shards, partial sharding, DCP checkpoints saved on 2 ranks and loaded on 2 and on 1) and
+uneven shards, partial sharding, a frozen layer, DCP checkpoints saved on 2 ranks and loaded on 2 and on 1) and
 ``ddp`` (ZeRO-1 equality, DDP bit-exactness over 100 steps with the C++ kernel).
 """
 
@@ -56,10 +56,12 @@ def max_rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float(((x - y).detach().abs().max() / y.abs().max().clamp_min(1e-12))) for x, y in zip(a, b))
 
 
-def sharded_mlp(partial: bool = False) -> nn.Module:
+def sharded_mlp(partial: bool = False, frozen: bool = False) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     model = mlp()
+    if frozen:
+        model[2].requires_grad_(False)
     if partial:
         fully_shard(model[0])  # the other layers stay plain tensors, whole on every rank
         return model
@@ -74,23 +76,26 @@ def fsdp(rank: int, out: dict[str, Any]) -> None:
     import torch.distributed.checkpoint as dcp
 
     data = batches(STEPS)
-    for name, state_dtype, partial in (("fp32", None, False), ("bf16", torch.bfloat16, False),
-                                       ("partial", None, True)):
-        model = sharded_mlp(partial)
+    for name, state_dtype, partial, frozen in (("fp32", None, False, False), ("bf16", torch.bfloat16, False, False),
+                                               ("partial", None, True, False), ("frozen", None, False, True)):
+        model = sharded_mlp(partial, frozen)
         opt = HierarchicalRNNOptimizer(model.parameters(), state_dtype=state_dtype)
         # Partly sharded: the plain layers' gradients are not averaged, so every rank sees the whole batch.
         train(model, opt, data, 0 if partial else rank, 1 if partial else WORLD)
         opt.eval()
         got = full(model)
         ref_model = mlp()
+        if frozen:
+            ref_model[2].requires_grad_(False)
         ref = HierarchicalRNNOptimizer(ref_model.parameters(), state_dtype=state_dtype)
         train(ref_model, ref, data)
         ref.eval()
         out[f"{name}_rel"] = max_rel(got, full(ref_model))
         local = sum(t.numel() for t in opt.hrnn_state.values() if isinstance(t, torch.Tensor))
         out[f"{name}_state_numel_rank{rank}"] = local
-        if name == "fp32":
-            out["fp32_state_numel_unsharded"] = sum(t.numel() for t in ref.hrnn_state.values() if isinstance(t, torch.Tensor))
+        out[f"{name}_state_numel_unsharded"] = sum(t.numel() for t in ref.hrnn_state.values() if isinstance(t, torch.Tensor))
+        out[f"{name}_held_rank{rank}"] = list(opt.hrnn_state["held"])
+        out[f"{name}_frozen_unchanged"] = all(torch.equal(a, b) for a, b in zip(got[2:4], full(mlp())[2:4]))
 
     # Checkpoints: save after 6 steps on 2 ranks; resume on 2 ranks and on 1.
     first, second = data[:6], data[6:]

@@ -47,7 +47,7 @@ def ddp(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return _scenario("ddp", tmp_path_factory)
 
 
-@pytest.mark.parametrize("case", ["fp32", "bf16", "partial"])
+@pytest.mark.parametrize("case", ["fp32", "bf16", "partial", "frozen"])
 def test_fsdp_equals_unsharded(fsdp: dict[str, Any], case: str) -> None:
     # 12 steps, default weights, attention on, an MLP whose first dimensions (7, 5, 3, 1) shard unevenly.
     assert fsdp[f"{case}_rel"] <= REL
@@ -61,6 +61,14 @@ def test_fsdp_state_is_per_shard(fsdp: dict[str, Any]) -> None:
     per_tensor = tensors * 30 + 20
     assert sum(ranks) - per_tensor == whole
     assert max(ranks) < whole
+
+
+def test_fsdp_frozen_layer_holds_no_state(fsdp: dict[str, Any]) -> None:
+    # The second layer (7 x 5 weights, 5 biases) is frozen: no state on either rank, and it never moves.
+    assert fsdp["frozen_held_rank0"] == fsdp["frozen_held_rank1"] == [0, 1, 4, 5, 6, 7]
+    assert fsdp["frozen_frozen_unchanged"]
+    ranks = [fsdp["frozen_state_numel_rank0"], fsdp["frozen_state_numel_rank1"]]
+    assert sum(ranks) - (6 * 30 + 20) == fsdp["frozen_state_numel_unsharded"] < fsdp["fp32_state_numel_unsharded"]
 
 
 def test_fsdp_checkpoint_resumes_on_two_ranks(fsdp: dict[str, Any]) -> None:
