@@ -12,10 +12,17 @@ import pytest
 import torch
 
 from lightning_lopt import HierarchicalRNN
-from lightning_lopt.hrnn import Layout
-from lightning_lopt.meta import MetaTrainingModule, TaskDataModule, TaskSlot, run_inner
+from lightning_lopt.meta import MetaTrainingModule, TaskDataModule, run_inner
+from lightning_lopt.meta.bias import (
+    es_derivatives,
+    finite_difference,
+    parameter_index,
+    particles_of,
+    start_task,
+    summary,
+    tbptt_derivative,
+)
 from lightning_lopt.meta.pes import (
-    ParticleSlot,
     antithetic,
     clipped_meta_loss,
     draw_perturbations,
@@ -29,28 +36,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_meta import QuadDistribution, _meta_trainer  # noqa: E402
 
 
-def _slot(lopt: HierarchicalRNN, task: Task, length: int, seed: int = 0) -> TaskSlot:
-    gen = torch.Generator().manual_seed(seed)
-    params = task.init_params(gen)
-    point = torch.cat([p.reshape(-1) for p in params])
-    slot = TaskSlot(seed=seed, task=task, length=length, shapes=[p.shape for p in params], generator=gen)
-    slot.point = point
-    slot.state = lopt.init_state(Layout.build([p.numel() for p in params]), theta=point, generator=gen)
-    with torch.no_grad():
-        slot.initial_loss = task.loss(params, task.sample_batch(gen)).detach()
-    return slot
-
-
-def _particles(base: TaskSlot, count: int) -> ParticleSlot:
-    return ParticleSlot(
-        seed=base.seed, task=base.task, length=base.length, shapes=base.shapes, generator=base.generator,
-        point=base.point.detach().unsqueeze(0).repeat(count, 1),
-        state=type(base.state)(*(None if v is None else v.detach().unsqueeze(0).repeat(count, *[1] * v.dim())
-                                 for v in base.state)),
-        initial_loss=base.initial_loss,
-    )
-
-
 def _noisy_quadratic() -> Task:
     return GradientNoise(QuadraticTask(dim=20, seed=3), noise=1.0)
 
@@ -59,8 +44,8 @@ def test_unperturbed_particles_follow_the_update_rule():
     """Every particle at theta steps exactly as the reference unroll, gradient noise draws included."""
     lopt = HierarchicalRNN.from_pretrained("default")
     task = ReparamWeights(_noisy_quadratic(), seed=1)
-    reference = _slot(lopt, task, 60)
-    particles = _particles(_slot(lopt, task, 60), 4)
+    reference = start_task(lopt, task, 60)
+    particles = particles_of(start_task(lopt, task, 60), 4)
     with torch.no_grad():
         _, hist, _ = run_inner(lopt, [reference], 30)
     theta = flat_meta_parameters(lopt)
@@ -92,10 +77,10 @@ def test_diverging_particles_score_the_maximum_and_never_nan():
     lopt = HierarchicalRNN.from_pretrained("default")
     theta = flat_meta_parameters(lopt)
     # Perturb only the step offset c, hard: the + particle takes steps e^5 times larger and diverges.
-    index = _index_of(lopt, "step_offset")
+    index = parameter_index(lopt, "step_offset")
     eps = torch.zeros(1, theta.numel())
     eps[0, index] = 8.0
-    slot = _particles(_slot(lopt, _Cliff(), 40), 2)
+    slot = particles_of(start_task(lopt, _Cliff(), 40), 2)
     losses, ran, _ = unroll_particles(lopt, slot, antithetic(theta, eps), 40, 1.0)
     assert ran == 40
     assert slot.dead.tolist() == [True, False]
@@ -103,59 +88,6 @@ def test_diverging_particles_score_the_maximum_and_never_nan():
     assert losses[0] <= 1.0
     estimate = pes_estimate(eps, losses, 0.01)
     assert torch.isfinite(estimate).all() and estimate[index] > 0  # pushes c down, away from divergence
-
-
-def _index_of(lopt: HierarchicalRNN, name: str) -> int:
-    offset = 0
-    for n, p in lopt.named_parameters():
-        if n == name:
-            return offset
-        offset += p.numel()
-    raise KeyError(name)
-
-
-def _whole_horizon(lopt: HierarchicalRNN, task_fn, horizon: int, seed: int) -> float:
-    slot = _slot(lopt, task_fn(), horizon, seed)
-    with torch.no_grad():
-        _, hist, _ = run_inner(lopt, [slot], horizon)
-    assert len(hist[0]) == horizon
-    return float(clipped_meta_loss(torch.tensor(hist[0]), slot.initial_loss, 1.0).mean())
-
-
-def _tbptt_estimate(lopt: HierarchicalRNN, task_fn, horizon: int, truncation: int, seed: int, name: str) -> float:
-    """The mean over a horizon of the truncated-backprop gradients of one meta-parameter."""
-    slot = _slot(lopt, task_fn(), horizon, seed)
-    param = dict(lopt.named_parameters())[name]
-    total, count = 0.0, 0
-    while not slot.finished:
-        lopt.zero_grad()
-        meta_loss, _, _ = run_inner(lopt, [slot], truncation)
-        meta_loss.backward()
-        total, count = total + float(param.grad), count + 1
-    lopt.zero_grad()
-    return total / count
-
-
-def _pes_per_pair(lopt, task_fn, horizon, truncation, seed, name, pairs, sigma, es_single=False) -> torch.Tensor:
-    """Per-pair PES (or ES-Single) estimates of d(whole-horizon objective)/d(name), perturbing only it."""
-    theta = flat_meta_parameters(lopt)
-    j = _index_of(lopt, name)
-    noise = torch.Generator().manual_seed(1000 + seed)
-    slot = _particles(_slot(lopt, task_fn(), horizon, seed), 2 * pairs)
-    xi = torch.zeros(pairs, theta.numel())
-    fixed = torch.zeros(pairs, theta.numel())
-    fixed[:, j] = sigma * torch.randn(pairs, generator=noise)
-    total = torch.zeros(pairs)
-    while not slot.finished:
-        eps = fixed if es_single else torch.zeros(pairs, theta.numel())
-        if not es_single:
-            eps[:, j] = sigma * torch.randn(pairs, generator=noise)
-        xi = eps if es_single else xi + eps
-        losses, ran, _ = unroll_particles(lopt, slot, antithetic(theta, eps), truncation, 1.0)
-        delta = losses[:pairs] - losses[pairs:]
-        # Each truncation's estimate, weighted by its steps: the whole horizon is their mean.
-        total += xi[:, j] * delta / (2 * sigma**2) * ran
-    return total / horizon
 
 
 def test_pes_follows_the_whole_horizon_where_truncated_backprop_anneals():
@@ -166,20 +98,10 @@ def test_pes_follows_the_whole_horizon_where_truncated_backprop_anneals():
     PES over the same horizon agrees with the finite difference in sign and within its interval.
     """
     lopt = HierarchicalRNN.from_pretrained("default")
-    name, horizon, h = "b_log_lr", 300, 0.02
-    b = lopt.b_log_lr.detach().clone()
-
-    def at(value: float) -> float:
-        with torch.no_grad():
-            lopt.b_log_lr.copy_(b + value)
-        return _whole_horizon(lopt, _noisy_quadratic, horizon, seed=0)
-
-    fd = (at(h) - at(-h)) / (2 * h)
-    with torch.no_grad():
-        lopt.b_log_lr.copy_(b)
-    tbptt = _tbptt_estimate(lopt, _noisy_quadratic, horizon, 16, seed=0, name=name)
-    per_pair = _pes_per_pair(lopt, _noisy_quadratic, horizon, 50, seed=0, name=name, pairs=24, sigma=0.01)
-    mean, sem = float(per_pair.mean()), float(per_pair.std() / math.sqrt(per_pair.numel()))
+    name, horizon = "b_log_lr", 300
+    fd = finite_difference(lopt, _noisy_quadratic, horizon, name, h=0.02)
+    tbptt = tbptt_derivative(lopt, _noisy_quadratic, horizon, 16, name)
+    mean, sem = summary(es_derivatives(lopt, _noisy_quadratic, horizon, 50, name, pairs=24, sigma=0.01))
     assert fd < 0 < tbptt, (fd, tbptt)
     assert mean < 0, (mean, sem, fd)
     assert abs(mean - fd) < 3 * sem, (mean, sem, fd)
@@ -193,23 +115,13 @@ def test_pes_and_es_single_are_unbiased_on_a_tiny_problem():
         return QuadraticTask(dim=2, seed=5)
 
     lopt = HierarchicalRNN.from_pretrained("default")
-    name, horizon, h = "step_offset", 100, 0.01
-    c = lopt.step_offset.detach().clone()
-
-    def at(value: float) -> float:
-        with torch.no_grad():
-            lopt.step_offset.copy_(c + value)
-        return _whole_horizon(lopt, task_fn, horizon, seed=0)
-
-    fd = (at(h) - at(-h)) / (2 * h)
-    with torch.no_grad():
-        lopt.step_offset.copy_(c)
+    name, horizon = "step_offset", 100
+    fd = finite_difference(lopt, task_fn, horizon, name, h=0.01)
     assert abs(fd) > 1e-3  # a derivative worth estimating
-    for es_single in (False, True):
-        per_pair = _pes_per_pair(lopt, task_fn, horizon, 25, seed=0, name=name, pairs=64, sigma=0.01, es_single=es_single)
-        mean, sem = float(per_pair.mean()), float(per_pair.std() / math.sqrt(per_pair.numel()))
-        assert abs(mean - fd) < 3 * sem, (es_single, mean, sem, fd)
-        assert sem < abs(fd), (es_single, sem, fd)  # the interval is tight enough to mean something
+    for estimator in ("pes", "es_single"):
+        mean, sem = summary(es_derivatives(lopt, task_fn, horizon, 25, name, pairs=64, sigma=0.01, estimator=estimator))
+        assert abs(mean - fd) < 3 * sem, (estimator, mean, sem, fd)
+        assert sem < abs(fd), (estimator, sem, fd)  # the interval is tight enough to mean something
 
 
 def _pes_module(**kw) -> MetaTrainingModule:

@@ -1,0 +1,102 @@
+"""Validation curves of meta-training runs, from their CSV logs.
+
+    python -m lightning_lopt.meta.curves runs/cmp_pes=PES runs/cmp_tbptt=TBPTT --out docs/meta/pes_vs_tbptt.png
+
+Each run is a ``CSVLogger`` save directory (or a ``metrics.csv`` file); the figure shows
+``val/log_ratio_vs_adam`` (mean log of the final loss relative to Adam's; lower is better) over
+meta-steps and, where the run logged it, over training seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["read_validation", "plot_runs", "main"]
+
+KEY = "val/log_ratio_vs_adam"
+
+
+def _metrics_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    found = sorted(path.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"No metrics.csv under {path}: pass a CSVLogger save directory or a metrics.csv file.")
+    return found[-1]
+
+
+def read_validation(path: Path) -> list[dict[str, float]]:
+    """Rows ``{"step", "score", "seconds"}`` of each validation in a run (``seconds`` NaN if not logged).
+
+    ``seconds`` is the run's training time at that step, from ``meta/train_seconds``.
+    """
+    rows = list(csv.DictReader(open(_metrics_file(Path(path)))))
+    seconds: dict[int, float] = {}
+    for r in rows:
+        if r.get("meta/train_seconds"):
+            seconds[int(r["step"])] = float(r["meta/train_seconds"])
+    out = []
+    for r in rows:
+        if r.get(KEY):
+            step = int(r["step"])
+            earlier = [s for s in seconds if s <= step]
+            out.append({"step": step, "score": float(r[KEY]),
+                        "seconds": seconds[max(earlier)] if earlier else math.nan})
+    return out
+
+
+def plot_runs(runs: Sequence[tuple[str, Path]], out: Path, title: Optional[str] = None) -> Path:
+    """Plot each run's validation score over meta-steps (and training seconds) into ``out`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = [(label, read_validation(path)) for label, path in runs]
+    with_time = any(not math.isnan(r["seconds"]) for _, rows in data for r in rows)
+    fig, axes = plt.subplots(1, 2 if with_time else 1, figsize=(11 if with_time else 6, 4), squeeze=False)
+    for label, rows in data:
+        axes[0, 0].plot([r["step"] for r in rows], [r["score"] for r in rows], marker="o", label=label)
+        if with_time:
+            timed = [r for r in rows if not math.isnan(r["seconds"])]
+            axes[0, 1].plot([r["seconds"] / 60 for r in timed], [r["score"] for r in timed], marker="o", label=label)
+    axes[0, 0].set_xlabel("meta-step")
+    axes[0, 0].set_xscale("symlog", linthresh=10)
+    if with_time:
+        axes[0, 1].set_xlabel("training minutes")
+    for ax in axes[0]:
+        ax.set_ylabel("validation: mean log(final loss / Adam's)")
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Plot runs given as ``PATH`` or ``PATH=LABEL``, and print each validation's score."""
+    parser = argparse.ArgumentParser(description="Validation curves of meta-training runs from their CSV logs.")
+    parser.add_argument("runs", nargs="+", help="CSVLogger save directories or metrics.csv files, as PATH or PATH=LABEL")
+    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("--title", default=None, help="figure title")
+    args = parser.parse_args(argv)
+    runs = []
+    for spec in args.runs:
+        path, _, label = spec.partition("=")
+        runs.append((label or Path(path).name, Path(path)))
+    for label, path in runs:
+        print(f"{label}: " + ", ".join(f"step {r['step']}: {r['score']:+.3f}" for r in read_validation(path)))
+    print(f"wrote {plot_runs(runs, Path(args.out), args.title)}")
+
+
+if __name__ == "__main__":
+    main()
