@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -659,34 +660,55 @@ class MetaTrainingModule(pl.LightningModule):
                     "state": {k: (None if v is None else v.detach().cpu()) for k, v in slot.state._asdict().items()},
                 }
             )
-        checkpoint["meta_slots"] = slots
+        mine = {
+            "slots": slots,
+            "noise_generator": None if self._noise_generator is None else self._noise_generator.get_state(),
+            "inner_divergences": self.inner_divergences,
+        }
+        # Each rank has its own tasks in flight and perturbations; Lightning writes rank zero's
+        # checkpoint, so it must hold every rank's part (this hook runs on all ranks).
+        ranks = [mine]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, mine)
+        checkpoint["meta_ranks"] = ranks
         checkpoint["meta_counters"] = {
             "meta_skips": self.meta_skips,
-            "inner_divergences": self.inner_divergences,
             "stream_position": self.stream_position,
             "train_seconds": self._train_seconds,
         }
-        if self._noise_generator is not None:
-            checkpoint["meta_noise_generator"] = self._noise_generator.get_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         counters = checkpoint.get("meta_counters", {})
         self.meta_skips = int(counters.get("meta_skips", 0))
-        self.inner_divergences = int(counters.get("inner_divergences", 0))
         self.stream_position = int(counters.get("stream_position", 0))
         self._train_seconds = float(counters.get("train_seconds", 0.0))
-        self._pending_slots = checkpoint.get("meta_slots")
-        noise = checkpoint.get("meta_noise_generator")
-        if noise is not None:
-            self._noise_generator = torch.Generator()
-            self._noise_generator.set_state(noise)
+        ranks = checkpoint.get("meta_ranks")
+        if ranks is None and "meta_slots" in checkpoint:  # written before checkpoints held every rank's part
+            ranks = [{"slots": checkpoint["meta_slots"], "noise_generator": None,
+                      "inner_divergences": int(counters.get("inner_divergences", 0))}]
+        self._pending_ranks = ranks
 
     def on_train_start(self) -> None:
-        pending = getattr(self, "_pending_slots", None)
-        if not pending:
+        ranks = getattr(self, "_pending_ranks", None)
+        self._pending_ranks = None
+        if not ranks:
             return
-        self.slots = [None if s is None else self._restore_slot(s) for s in pending]
-        self._pending_slots = None
+        world, rank = self.trainer.world_size, self.global_rank
+        if len(ranks) != world:
+            # Another number of processes: the meta-parameters and the stream resume; tasks start afresh.
+            warnings.warn(
+                f"The checkpoint holds the tasks in flight of {len(ranks)} process(es), this run has {world}: "
+                "meta-training resumes with fresh tasks (not bit-exact).",
+                UserWarning,
+            )
+            return
+        mine = ranks[rank]
+        self.inner_divergences = int(mine["inner_divergences"])
+        if mine["noise_generator"] is not None:
+            self._noise_generator = torch.Generator()
+            self._noise_generator.set_state(mine["noise_generator"])
+        self.slots = [None if s is None else self._restore_slot(s) for s in mine["slots"]]
 
     def _restore_slot(self, saved: dict[str, Any]) -> Union[TaskSlot, ParticleSlot]:
         if saved.get("kind") == "particles":
