@@ -16,9 +16,11 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_lopt import models
+from lightning_lopt.checkpoint_io import AtomicCheckpointIO
 
 __all__ = ["LightningLoptCLI", "build_cli", "main"]
 
@@ -28,7 +30,11 @@ _FALLBACK_OPTIMIZER_MODELS = "|".join(models.__all__)
 
 
 class LightningLoptCLI(LightningCLI):
-    """LightningCLI that reports the final validation metrics after ``fit``.
+    """LightningCLI that reports the final validation metrics after ``fit`` and writes checkpoints atomically.
+
+    Unless the configuration names another checkpoint IO in ``trainer.plugins``, checkpoints are
+    written by :class:`~lightning_lopt.checkpoint_io.AtomicCheckpointIO`, so that a run killed
+    while saving still resumes with ``--ckpt_path last``.
 
     It adds one top-level option, ``torch_num_threads``: small models gain little from several
     CPU threads, and on a busy machine the threads of each operation wait for one another, which
@@ -57,6 +63,10 @@ class LightningLoptCLI(LightningCLI):
                 "ignore", message=rf"`({_FALLBACK_OPTIMIZER_MODELS})\.configure_optimizers` will be overridden"
             )
             super().instantiate_classes()
+        strategy = self.trainer.strategy
+        # Lightning's plain default writes the same files non-atomically; any other checkpoint IO is kept.
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = AtomicCheckpointIO()
 
     def before_fit(self) -> None:
         """Start the clock that the final line reports."""
