@@ -357,3 +357,29 @@ def test_inner_diagnostics_are_logged_on_schedule(tmp_path):
     values = {float(r["lopt/inner/lr/mean"]) for r in rows if r.get("lopt/inner/lr/mean")}
     assert len(values) == 2  # one summary per diagnosed meta-step
     assert all(math.isfinite(v) and v > 0 for v in values)
+
+
+def test_validation_verdict_marks_stalls_and_divergence():
+    from lightning_lopt.meta.module import validation_verdict
+
+    assert validation_verdict(float("inf"), 1.0, 0.1) == "diverged"
+    assert validation_verdict(0.9, 1.0, 0.1) == "stalled"  # barely moved since 10%, 9x Adam's loss
+    assert validation_verdict(0.9, 1.0, 0.5) is None  # within 2x of Adam: nothing left to learn
+    assert validation_verdict(0.4, 1.0, 0.1) is None  # still learning: below half its early loss
+
+
+def test_a_rule_that_stops_stepping_is_disqualified_in_validation():
+    """A rule whose steps vanish is marked stalled on its validation tasks; a working one is not."""
+    from lightning_lopt.meta.module import validation_verdict
+
+    module = MetaTrainingModule(tasks=QuadDistribution(), validation_lengths=(150,), validation_adam_lr=0.1)
+    seeds = [10_000, 10_001]
+    adam = [module._adam_final_loss(s, 150) for s in seeds]
+    with torch.no_grad():
+        module.lopt.step_offset.fill_(3.0)
+    working = module.learned_losses(seeds, [150, 150])
+    with torch.no_grad():
+        module.lopt.step_offset.fill_(-40.0)  # exp(-40): no step at all
+    frozen = module.learned_losses(seeds, [150, 150])
+    assert [validation_verdict(f, e, a) for (f, e), a in zip(frozen, adam)] == ["stalled", "stalled"]
+    assert all(f < e for f, e in working)

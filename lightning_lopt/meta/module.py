@@ -25,7 +25,7 @@ from lightning_lopt.meta.pes import (
 )
 from lightning_lopt.tasks import Task, TaskDistribution
 
-__all__ = ["MetaTrainingModule", "TaskSlot", "run_inner", "meta_objective_terms"]
+__all__ = ["MetaTrainingModule", "TaskSlot", "run_inner", "meta_objective_terms", "validation_verdict"]
 
 
 def _split_params(flat: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor]:
@@ -184,6 +184,28 @@ def run_inner(
     counts = torch.tensor([max(len(h), 1) for h in history], device=stacked.device, dtype=stacked.dtype)
     meta_loss = (stacked.sum(0) / counts).mean()
     return meta_loss, history, diag
+
+
+DISQUALIFIED_PENALTY = 100.0
+"""Added to ``val/selection_score`` for each validation task the rule stalls or diverges on."""
+
+
+def validation_verdict(final: float, early: float, adam_final: float) -> Optional[str]:
+    """``"diverged"``, ``"stalled"`` or None for one validation task.
+
+    A run stalls when its final loss is above half its loss at 10% of the horizon while still more
+    than twice what Adam at 1e-3 reaches: it stopped learning where there was much left to learn.
+
+    Args:
+        final: Mean loss over the last 10% of the run.
+        early: Mean loss around 10% of the run.
+        adam_final: Adam's final loss on the same task.
+    """
+    if not math.isfinite(final):
+        return "diverged"
+    if final > 0.5 * early and final > 2.0 * adam_final:
+        return "stalled"
+    return None
 
 
 def _mark_nonfinite(slots: Sequence[TaskSlot], grad: Tensor) -> None:
@@ -598,6 +620,16 @@ class MetaTrainingModule(pl.LightningModule):
         Returns each task's mean loss at the true parameters over the last 10% of its steps
         (``inf`` for a task that diverged).
         """
+        return [final for final, _ in self.learned_losses(seeds, lengths, chunk)]
+
+    def learned_losses(
+        self, seeds: Sequence[int], lengths: Sequence[int], chunk: int = 200
+    ) -> list[tuple[float, float]]:
+        """Like :meth:`learned_final_losses`, with each task's ``(final, early)`` losses.
+
+        ``early`` is the mean loss over steps 9% to 11% of the task's length: what
+        :func:`validation_verdict` compares the final loss with to detect a stall.
+        """
         slots = [self.new_slot(s, length=n) for s, n in zip(seeds, lengths)]
         histories: list[list[float]] = [[] for _ in slots]
         running = list(range(len(slots)))
@@ -606,14 +638,15 @@ class MetaTrainingModule(pl.LightningModule):
             for i, h in zip(running, hist):
                 histories[i].extend(h)
             running = [i for i in running if not slots[i].finished]
-        finals = []
+        out = []
         for slot, hist in zip(slots, histories):
             if slot.diverged or len(hist) < slot.length:
-                finals.append(float("inf"))
-            else:
-                tail = hist[-max(1, slot.length // 10) :]
-                finals.append(sum(tail) / len(tail))
-        return finals
+                out.append((float("inf"), float("inf")))
+                continue
+            tail = hist[-max(1, slot.length // 10) :]
+            early = hist[int(0.09 * slot.length) : int(0.11 * slot.length) + 1]
+            out.append((sum(tail) / len(tail), sum(early) / len(early)))
+        return out
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         # Lightning validates under inference mode, where even the inner tasks' own gradients are off.
@@ -623,18 +656,24 @@ class MetaTrainingModule(pl.LightningModule):
     def _validate(self, seeds: list[int]) -> None:
         lengths = list(self.hparams.validation_lengths)
         task_lengths = [lengths[i % len(lengths)] for i in range(len(seeds))]
-        mine = self.learned_final_losses(seeds, task_lengths)
-        ratios = []
+        mine = self.learned_losses(seeds, task_lengths)
+        ratios, disqualified = [], 0
         for i, (seed, length) in enumerate(zip(seeds, task_lengths)):
             key = (seed, length)
             if key not in self._adam_reference:
                 self._adam_reference[key] = self._adam_final_loss(seed, length)
             ref = self._adam_reference[key]
+            final, early = mine[i]
             # A diverged run counts as a large, finite penalty so that the mean stays comparable.
-            ratio = math.log((mine[i] + 1e-12) / (ref + 1e-12)) if math.isfinite(mine[i]) else 50.0
+            ratio = math.log((final + 1e-12) / (ref + 1e-12)) if math.isfinite(final) else 50.0
             ratios.append(min(ratio, 50.0))
+            disqualified += validation_verdict(final, early, ref) is not None
             self.log(f"val/log_ratio_vs_adam/task_{i}_{length}", ratios[-1], batch_size=1, sync_dist=True)
-        self.log("val/log_ratio_vs_adam", sum(ratios) / len(ratios), prog_bar=True, batch_size=1, sync_dist=True)
+        score = sum(ratios) / len(ratios)
+        self.log("val/log_ratio_vs_adam", score, prog_bar=True, batch_size=1, sync_dist=True)
+        self.log("val/disqualified_tasks", float(disqualified), batch_size=1, sync_dist=True)
+        # What checkpoints are selected by: a stalling or diverging rule never beats one that keeps learning.
+        self.log("val/selection_score", score + DISQUALIFIED_PENALTY * disqualified, batch_size=1, sync_dist=True)
 
     # ------------------------------------------------------------------ checkpoints and export
 

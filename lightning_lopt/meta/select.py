@@ -15,15 +15,21 @@ import torch
 
 from lightning_lopt.hrnn import HierarchicalRNN
 from lightning_lopt.meta.data import TaskDataModule
-from lightning_lopt.meta.module import MetaTrainingModule
+from lightning_lopt.meta.module import DISQUALIFIED_PENALTY, MetaTrainingModule, validation_verdict
 
 __all__ = ["score_checkpoints", "main"]
 
 
 def score_checkpoints(
     paths: Sequence[str], num_tasks: int = 6, lengths: Sequence[int] = (200, 1000, 3000), validation_seed: int = 0
-) -> list[tuple[str, float, list[float]]]:
-    """Mean log ratio of final loss to Adam's (lower is better) of each checkpoint on the validation tasks."""
+) -> list[tuple[str, float, list[float], list[Optional[str]]]]:
+    """Score each checkpoint on the validation tasks, best first.
+
+    Returns:
+        ``(path, score, ratios, verdicts)``: the selection score (the mean log ratio of final loss
+        to Adam's, lower is better, plus a penalty for each task the rule stalls or diverges on),
+        the per-task ratios, and each task's verdict (``"stalled"``, ``"diverged"`` or None).
+    """
     seeds = TaskDataModule(num_validation_tasks=num_tasks, validation_seed=validation_seed).validation_seeds()
     task_lengths = [lengths[i % len(lengths)] for i in range(len(seeds))]
     module = MetaTrainingModule(validation_lengths=lengths)
@@ -31,9 +37,12 @@ def score_checkpoints(
     results = []
     for path in paths:
         module.lopt = HierarchicalRNN.from_pretrained(path)
-        mine = module.learned_final_losses(seeds, task_lengths)
-        ratios = [min(math.log((m + 1e-12) / (a + 1e-12)), 50.0) if math.isfinite(m) else 50.0 for m, a in zip(mine, adam)]
-        results.append((path, sum(ratios) / len(ratios), ratios))
+        mine = module.learned_losses(seeds, task_lengths)
+        ratios = [min(math.log((m + 1e-12) / (a + 1e-12)), 50.0) if math.isfinite(m) else 50.0
+                  for (m, _), a in zip(mine, adam)]
+        verdicts = [validation_verdict(m, early, a) for (m, early), a in zip(mine, adam)]
+        penalty = DISQUALIFIED_PENALTY * sum(v is not None for v in verdicts)
+        results.append((path, sum(ratios) / len(ratios) + penalty, ratios, verdicts))
     return sorted(results, key=lambda r: r[1])
 
 
@@ -41,8 +50,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(
         prog="python -m lightning_lopt.meta.select",
-        description=__doc__.splitlines()[0] + " Each line: the mean score, the path, then one score per "
-        "validation task; a score is log(final loss / Adam 1e-3's final loss), lower is better.",
+        description=__doc__.splitlines()[0] + " Each line: the selection score, the path, then one score per "
+        "validation task; a score is log(final loss / Adam 1e-3's final loss), lower is better. A task the "
+        f"rule stalls on (final loss above half its loss at 10%% of the run and above twice Adam's) or diverges "
+        f"on is marked and adds {DISQUALIFIED_PENALTY:g} to the selection score.",
     )
     parser.add_argument(
         "checkpoints", nargs="+", metavar="CHECKPOINT",
@@ -55,8 +66,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default: 1)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    for path, mean, ratios in score_checkpoints(args.checkpoints, args.num_tasks):
-        print(f"{mean:+.3f}  {path}  " + " ".join(f"{r:+.2f}" for r in ratios), flush=True)
+    for path, score, ratios, verdicts in score_checkpoints(args.checkpoints, args.num_tasks):
+        cells = [f"{r:+.2f}" + ("" if v is None else f"({v})") for r, v in zip(ratios, verdicts)]
+        print(f"{score:+.3f}  {path}  " + " ".join(cells), flush=True)
 
 
 if __name__ == "__main__":
