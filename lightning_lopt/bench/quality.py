@@ -20,7 +20,7 @@ final training loss. The final training loss is measured at the true parameters 
 optimizer is put in eval mode) on the whole training set, or on a fixed large batch for the
 language model. ``--bf16-state`` also runs the learned optimizer with its state in bfloat16 and
 reports its final loss next to the float32-state one. Outputs: ``OUT/results.md``,
-``OUT/results.json`` and ``OUT/curves_<task>.png``.
+``OUT/results.json`` and ``OUT/curves_<task>.png`` (drawn by :mod:`lightning_lopt.bench.report`).
 Finished runs are cached under ``OUT/runs`` and reused when the same run is asked for again.
 """
 
@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_lopt.bench.report import KIND_LABELS, at_sweep_edge, plot_task, render_markdown
 from lightning_lopt.hrnn import WEIGHTS_DIR, HierarchicalRNN
 from lightning_lopt.optimizer import HierarchicalRNNOptimizer, load_weights
 from lightning_lopt.tasks.base import Task, make_generator
@@ -85,7 +86,6 @@ __all__ = [
 # A run has diverged when its final loss is not finite or above this multiple of its initial loss.
 DIVERGENCE_FACTOR = 10.0
 BASELINE_KINDS = ("adam", "rmsprop", "sgd")
-KIND_LABELS = {"learned": "learned", "adam": "Adam", "rmsprop": "RMSProp", "sgd": "SGD+m"}
 # Full sweeps: 7 log-spaced points each (half-decade steps).
 SWEEPS: dict[str, tuple[float, ...]] = {
     "adam": tuple(10.0 ** (-4 + 0.5 * i) for i in range(7)),
@@ -689,48 +689,7 @@ def plan_ablations(paths: dict[str, str], full_config: dict[str, Any]) -> dict[s
     return plan
 
 
-# ============================================================================ reporting
-
-
-def _fmt(x: Optional[float], digits: int = 3) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float) and math.isnan(x):
-        return "nan"
-    if isinstance(x, float) and math.isinf(x):
-        return "inf"
-    return f"{x:.{digits}g}"
-
-
-def _fmt_loss(s: Optional[dict[str, Any]]) -> str:
-    if s is None:
-        return "-"
-    st = s["final_loss"]
-    n = len(st["values"])
-    if not math.isfinite(st["mean"]):
-        bad = sum(1 for v in st["values"] if not math.isfinite(v))
-        return f"non-finite ({bad}/{n})"
-    return _fmt(st["mean"]) if n == 1 else f"{_fmt(st['mean'])} ± {_fmt(st['std'], 2)}"
-
-
-def _fmt_acc(s: Optional[dict[str, Any]]) -> str:
-    if s is None or s.get("test_accuracy") is None:
-        return "-"
-    st = s["test_accuracy"]
-    if not math.isfinite(st["mean"]):
-        return "nan"
-    return f"{100 * st['mean']:.1f}%" if len(st["values"]) == 1 else f"{100 * st['mean']:.1f} ± {100 * st['std']:.1f}%"
-
-
-def _at_edge(lr: float, sweep: Sequence[float]) -> bool:
-    return bool(sweep) and (math.isclose(lr, min(sweep)) or math.isclose(lr, max(sweep)))
-
-
-def _with_lr(s: Optional[dict[str, Any]], sweep: Sequence[float]) -> str:
-    if s is None:
-        return "-"
-    edge = " (edge)" if _at_edge(s["lr"], sweep) else ""
-    return f"{_fmt_loss(s)} @ {s['lr']:.3g}{edge}"
+# ============================================================================ analysis
 
 
 def _ratio(a: float, b: Optional[float]) -> Optional[float]:
@@ -753,7 +712,7 @@ def analyse_task(summaries: dict[str, dict[str, Any]], sweeps: dict[str, Sequenc
         "learned": learned["optimizer"] if learned else None,
         "adam_default": adam["optimizer"] if adam else None,
         "tuned": {k: (v["optimizer"] if v else None) for k, v in tuned.items()},
-        "tuned_at_sweep_edge": {k: bool(v and _at_edge(v["lr"], sweeps[v["kind"]])) for k, v in tuned.items()},
+        "tuned_at_sweep_edge": {k: bool(v and at_sweep_edge(v["lr"], sweeps[v["kind"]])) for k, v in tuned.items()},
     }
     if learned:
         lm = learned["final_loss"]["mean"]
@@ -804,253 +763,6 @@ def bar_summary(analyses: dict[str, dict[str, Any]], task_keys: Sequence[str], f
         "bar_applicable": complete,
         "bar_met": bool(len(g_adam) >= 5 and len(g_best) >= 2 and not diverged) if complete else None,
     }
-
-
-def _label(summary: dict[str, Any]) -> str:
-    if summary["kind"] == "learned":
-        return "learned" if summary["variant"] == "default" else f"learned ({summary['variant']})"
-    return f"{KIND_LABELS[summary['kind']]} {summary['lr']:.3g}"
-
-
-def _lookup(summaries: dict[str, Any], key: Optional[str]) -> Optional[dict[str, Any]]:
-    return summaries.get(key) if key else None
-
-
-def render_markdown(results: dict[str, Any]) -> str:
-    """The markdown report of a benchmark's ``results`` dict."""
-    meta = results["meta"]
-    sweeps = meta["sweeps"]
-    lines = [
-        "# Learned optimizer vs tuned baselines on held-out tasks",
-        "",
-        f"- command: `{meta['command']}`",
-        f"- machine: {meta['machine']}",
-        f"- date: {meta['date']}; total wall time {meta['wall_seconds'] / 60:.1f} min "
-        f"({meta['runs_executed']} runs executed, {meta['runs_cached']} reused from the cache)",
-        f"- learned optimizer weights: {meta['weights']['description']} (digest {meta['weights']['digest']}), "
-        "untuned, lr multiplier 1.0",
-        f"- mode: {'quick' if meta['quick'] else 'full'}; seeds {meta['seeds']}; steps scale {meta['steps_scale']}; "
-        "sweeps: " + "; ".join(f"{KIND_LABELS[k]} {', '.join(f'{v:.3g}' for v in vs)}" for k, vs in sweeps.items()),
-        "- final training loss = mean over seeds ± std, at the true parameters on the whole training set "
-        "(char LM: a fixed batch of 256 training windows); `@ lr` is the chosen learning rate, "
-        "`(edge)` marks a choice at the end of the sweep",
-        "",
-    ]
-    if meta["weights"]["untrained"]:
-        lines += [
-            "> **The learned optimizer here runs the untrained initialisation** (no meta-trained default weights "
-            "exist yet); its numbers say nothing about meta-trained quality. Pass `--weights PATH`.",
-            "",
-        ]
-    lines += [
-        "## Final training loss",
-        "",
-        "| task | steps | learned | Adam 1e-3 | tuned Adam | tuned RMSProp | tuned SGD+m | best tuned "
-        "| learned / Adam 1e-3 | learned / best |",
-        "|---|---:|---|---|---|---|---|---|---:|---:|",
-    ]
-    for key, t in results["tasks"].items():
-        s, a = t["summaries"], t["analysis"]
-        get = functools.partial(_lookup, s)
-        tuned = a["tuned"]
-        best = get(tuned.get("best"))
-        best_txt = f"{KIND_LABELS[best['kind']]} {best['lr']:.3g}" if best else "-"
-        lines.append(
-            f"| {key} {t['name']} | {t['steps']} | {_fmt_loss(get(a['learned']))} | "
-            f"{_fmt_loss(get(a['adam_default']))} | "
-            + "".join(f"{_with_lr(get(tuned.get(k)), sweeps[k])} | " for k in BASELINE_KINDS)
-            + f"{best_txt} | "
-            f"{_fmt(a.get('ratio_to_adam_default'))} | {_fmt(a.get('ratio_to_best_tuned'))} |"
-        )
-    lines += [
-        "",
-        "## Held-out accuracy, steps to reach, time, divergence",
-        "",
-        "Steps to reach: first full-training-loss evaluation (every `interval` steps) at which the learned "
-        "optimizer's seed-mean loss is at or below the best tuned baseline's mean final loss. Time: mean seconds "
-        "of one run's training loop (without the evaluations), and per step.",
-        "",
-        "| task | test acc learned | test acc Adam 1e-3 | test acc best tuned | steps to reach best (interval) | "
-        "s/run learned | s/run Adam 1e-3 | ms/step learned / Adam | learned diverged | sweep runs diverged |",
-        "|---|---|---|---|---|---:|---:|---|---|---|",
-    ]
-    for key, t in results["tasks"].items():
-        s, a = t["summaries"], t["analysis"]
-        get = functools.partial(_lookup, s)
-        learned, adam, best = get(a["learned"]), get(a["adam_default"]), get(a["tuned"].get("best"))
-        reach = a.get("steps_to_best_tuned")
-        reach_txt = "-" if not learned else ("never" if reach is None else str(reach))
-        if learned and a.get("eval_interval"):
-            reach_txt += f" ({a['eval_interval']})"
-        div = a["diverged"]
-        sweep_div = sum(len(v) for k, v in div.items() if not k.startswith("learned"))
-        sweep_total = sum(len(x["seeds"]) for k, x in s.items() if not k.startswith("learned"))
-        learned_div = "-"
-        if learned:
-            n_bad = len(learned["diverged_seeds"])
-            learned_div = f"yes ({n_bad}/{len(learned['seeds'])})" if n_bad else "no"
-        ms = " / ".join(_fmt(1e3 * x["seconds_per_step"]) if x else "-" for x in (learned, adam))
-        secs = " | ".join(_fmt(x["train_seconds"]) if x else "-" for x in (learned, adam))
-        lines.append(
-            f"| {key} {t['name']} | {_fmt_acc(learned)} | {_fmt_acc(adam)} | {_fmt_acc(best)} | {reach_txt} | "
-            f"{secs} | "
-            f"{ms} | {learned_div} | {sweep_div}/{sweep_total} |"
-        )
-    diverged_lines = []
-    for key, t in results["tasks"].items():
-        s = t["summaries"]
-        bad = [f"{_label(s[k])} ({len(v)}/{len(s[k]['seeds'])})" for k, v in t["analysis"]["diverged"].items()]
-        if bad:
-            diverged_lines.append(f"- {key} {t['name']}: " + ", ".join(bad))
-    lines += [
-        "",
-        f"Diverged runs (non-finite loss, or final loss > {DIVERGENCE_FACTOR:g}x the initial loss):",
-        "",
-        *(diverged_lines or ["- none"]),
-    ]
-    bar = results["bar"]
-    n = len(bar["rows"])
-    verdicts = {True: "**met**", False: "**not met**", None: "not judged (only on the full benchmark of every task)"}
-    verdict = verdicts[bar["bar_met"]]
-    lines += [
-        "",
-        "## Summary",
-        "",
-        f"**Learned optimizer: lower final training loss than Adam 1e-3 on {len(bar['beats_adam_default'])}/{n} tasks "
-        f"({', '.join(bar['beats_adam_default']) or 'none'}), than the best tuned baseline on "
-        f"{len(bar['beats_best_tuned'])}/{n} ({', '.join(bar['beats_best_tuned']) or 'none'}); "
-        f"learned-optimizer runs diverged: "
-        + (", ".join(f"{k} seeds {v}" for k, v in bar["learned_diverged"].items()) or "none")
-        + ".**",
-        "",
-        f"By task group (b and b' count as one, won only if both are won): beats Adam 1e-3 on "
-        f"{len(bar['groups_beating_adam_default'])}/{len(bar['groups'])} groups, the best tuned baseline on "
-        f"{len(bar['groups_beating_best_tuned'])}/{len(bar['groups'])}. Bar (at least 5 of 6 vs Adam 1e-3, 2 of 6 vs "
-        "the best tuned, no learned run diverges): "
-        + verdict
-        + ".",
-    ]
-    ablation = results.get("ablation")
-    if ablation:
-        lines += ["", "## Ablation (learned optimizer variants, final training loss)", ""]
-        names = list(ablation["plan"])
-        lines.append("| task | full model | " + " | ".join(f"{ABLATIONS[n].title}" for n in names) + " | Adam 1e-3 |")
-        lines.append("|---|---|" + "---|" * len(names) + "---|")
-        for key, t in results["tasks"].items():
-            s, a = t["summaries"], t["analysis"]
-            cells = []
-            for n in names:
-                p = ablation["plan"][n]
-                run = p["status"] == "run"
-                cells.append(_fmt_loss(s.get(OptimizerConfig("learned", 1.0, n).key)) if run else "skipped")
-            lines.append(
-                f"| {key} {t['name']} | {_fmt_loss(s.get(a['learned']) if a['learned'] else None)} | "
-                + " | ".join(cells)
-                + f" | {_fmt_loss(s.get(a['adam_default']) if a['adam_default'] else None)} |"
-            )
-        lines.append("")
-        for n, p in ablation["plan"].items():
-            if p["status"] == "run":
-                diff = p.get("other_differences") or {}
-                extra = f"; also differs from the full model in {diff}" if diff else ""
-                lines.append(f"- {ABLATIONS[n].title}: weights {p['description']}{extra}")
-            else:
-                lines.append(f"- {ABLATIONS[n].title}: skipped, {p['reason']}")
-    if results.get("bf16_state"):
-        lines += [
-            "",
-            "## bfloat16 optimizer state (learned optimizer, final training loss)",
-            "",
-            "The learned optimizer with the same weights, seeds and tasks, its hidden states and accumulators "
-            "kept in bfloat16 (the true parameters stay float32). bf16 / fp32 is the ratio of mean final losses: "
-            "above 1 means the bfloat16 state hurts.",
-            "",
-            "| task | learned, fp32 state | learned, bf16 state | bf16 / fp32 | bf16 diverged |",
-            "|---|---|---|---:|---|",
-        ]
-        for key, t in results["tasks"].items():
-            s, a = t["summaries"], t["analysis"]
-            bf16 = _lookup(s, a.get("bf16_state"))
-            bf16_div = "-"
-            if bf16:
-                n_bad = len(bf16["diverged_seeds"])
-                bf16_div = f"yes ({n_bad}/{len(bf16['seeds'])})" if n_bad else "no"
-            lines.append(
-                f"| {key} {t['name']} | {_fmt_loss(_lookup(s, a['learned']))} | {_fmt_loss(bf16)} | "
-                f"{_fmt(a.get('ratio_bf16_state_to_learned'))} | {bf16_div} |"
-            )
-        # What the runs' optimizers actually held, so a reader can tell the variant really ran in bfloat16.
-        held: dict[str, set[str]] = {"default": set(), BF16_STATE: set()}
-        for r in results["runs"]:
-            variant = r.get("variant", "default")
-            if r["kind"] == "learned" and variant in held:
-                held[variant].add(r.get("state_dtype") or "not recorded")  # runs cached before the field existed
-        lines += [
-            "",
-            "- state dtype read from the optimizer's buffers after each run: fp32 runs "
-            f"{', '.join(sorted(held['default'])) or '-'}; bf16 runs {', '.join(sorted(held[BF16_STATE])) or '-'}",
-        ]
-    lines += ["", "## Loss curves", ""]
-    for key, t in results["tasks"].items():
-        if t.get("figure"):
-            lines.append(f"- {key} {t['name']}: [{t['figure']}]({t['figure']})")
-    lines += ["", "## Tasks", ""]
-    for key, t in results["tasks"].items():
-        lines.append(f"- **{key} {t['name']}**: {t['title']} ({t['num_params']} parameters)")
-    return "\n".join(lines) + "\n"
-
-
-_STYLE = {
-    "learned": dict(color="black", lw=2.2),
-    "adam_default": dict(color="tab:blue", ls="--", lw=1.6),
-    "adam": dict(color="tab:blue", lw=1.2, alpha=0.8),
-    "rmsprop": dict(color="tab:orange", lw=1.2, alpha=0.8),
-    "sgd": dict(color="tab:green", lw=1.2, alpha=0.8),
-    # Unlike the ablations (grey) this variant should overlay the learned curve; red shows where it does not.
-    BF16_STATE: dict(color="tab:red", lw=1.4, ls=":"),
-}
-
-
-def plot_task(task_result: dict[str, Any], path: Path) -> Path:
-    """Loss curves of one task (mean over seeds, log scale): minibatch loss and full training loss."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    s, a = task_result["summaries"], task_result["analysis"]
-    lines: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
-    if a["learned"]:
-        lines.append(("learned (lr 1, untuned)", s[a["learned"]], _STYLE["learned"]))
-    for summ in s.values():
-        if summ["kind"] == "learned" and summ["variant"] != "default":
-            style = _STYLE.get(summ["variant"], dict(color="grey", lw=1.4, ls=":"))
-            lines.append((f"learned: {summ['variant']}", summ, style))
-    if a["adam_default"]:
-        lines.append(("Adam 1e-3 (default)", s[a["adam_default"]], _STYLE["adam_default"]))
-    for kind in BASELINE_KINDS:
-        key = a["tuned"].get(kind)
-        if key:
-            best = " (best)" if key == a["tuned"].get("best") else ""
-            lines.append((f"tuned {KIND_LABELS[kind]} {s[key]['lr']:.3g}{best}", s[key], _STYLE[kind]))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for label, summ, style in lines:
-        axes[0].plot(summ["curve_steps"], summ["curve_mean"], label=label, **style)
-        axes[1].plot(summ["eval_steps"], summ["eval_mean"], label=label, **style)
-    axes[0].set_title("minibatch training loss (where gradients are taken)")
-    axes[1].set_title("training loss at the true parameters")
-    for ax in axes:
-        ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("loss (mean over seeds)")
-    axes[1].legend(fontsize=8)
-    fig.suptitle(f"{task_result['key']} {task_result['name']}: {task_result['title']}", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 # ============================================================================ driver
