@@ -9,7 +9,10 @@ the move is a copy into the target itself, so a kill during the copy leaves a tr
 and nothing is flushed to disk, so a power loss right after the move can leave an empty file.
 
 :class:`AtomicCheckpointIO` writes next to the target and renames, which is atomic on POSIX and
-Windows. Use it in a Trainer with ``Trainer(plugins=[AtomicCheckpointIO()])``; the
+Windows. ``ModelCheckpoint(save_last=True)`` writes ``last.ckpt`` as a full checkpoint through
+the checkpoint IO, so it is covered; ``save_last="link"`` instead removes ``last.ckpt`` and then
+makes a symlink, outside the checkpoint IO, which a kill in between leaves missing: prefer
+``save_last=True``. Use it in a Trainer with ``Trainer(plugins=[AtomicCheckpointIO()])``; the
 ``lightning-lopt`` command uses it unless the configuration names another checkpoint IO.
 """
 
