@@ -2,7 +2,10 @@
 
     python -m lightning_lopt.meta.curves runs/cmp_pes=PES runs/cmp_tbptt=TBPTT --out docs/meta/pes_vs_tbptt.png
 
-Each run is a ``CSVLogger`` save directory (or a ``metrics.csv`` file); the figure shows
+Each run is a ``CSVLogger`` save directory (or a ``metrics.csv`` file), or several joined with
+commas: a run resumed into new log versions or directories is read in the order of its files'
+modification times, a later file's rows replacing an earlier one's from the step it starts at.
+The figure shows
 ``val/log_ratio_vs_adam`` (mean log of the final loss relative to Adam's; lower is better) over
 meta-steps and, where the run logged it, over training seconds.
 """
@@ -20,21 +23,34 @@ __all__ = ["read_validation", "plot_runs", "main"]
 KEY = "val/log_ratio_vs_adam"
 
 
-def _metrics_file(path: Path) -> Path:
-    if path.is_file():
-        return path
-    found = sorted(path.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise FileNotFoundError(f"No metrics.csv under {path}: pass a CSVLogger save directory or a metrics.csv file.")
-    return found[-1]
+def _metrics_files(spec: str) -> list[Path]:
+    found: list[Path] = []
+    for part in str(spec).split(","):
+        path = Path(part)
+        files = [path] if path.is_file() else list(path.rglob("metrics.csv"))
+        if not files:
+            raise FileNotFoundError(f"No metrics.csv under {path}: pass a CSVLogger save directory or a metrics.csv file.")
+        found += files
+    return sorted(found, key=lambda p: p.stat().st_mtime)
 
 
-def read_validation(path: Path) -> list[dict[str, float]]:
+def _merged_rows(spec: str) -> list[dict[str, str]]:
+    rows: list[dict[str, str]] = []
+    for path in _metrics_files(spec):
+        new = list(csv.DictReader(open(path)))
+        if new:
+            # A resumed run repeats the steps after its checkpoint: the later log replaces them.
+            first = min(int(r["step"]) for r in new if r.get("step"))
+            rows = [r for r in rows if int(r["step"]) < first] + new
+    return rows
+
+
+def read_validation(path: str | Path) -> list[dict[str, float]]:
     """Rows ``{"step", "score", "seconds"}`` of each validation in a run (``seconds`` NaN if not logged).
 
     ``seconds`` is the run's training time at that step, from ``meta/train_seconds``.
     """
-    rows = list(csv.DictReader(open(_metrics_file(Path(path)))))
+    rows = _merged_rows(str(path))
     seconds: dict[int, float] = {}
     for r in rows:
         if r.get("meta/train_seconds"):
@@ -49,7 +65,7 @@ def read_validation(path: Path) -> list[dict[str, float]]:
     return out
 
 
-def plot_runs(runs: Sequence[tuple[str, Path]], out: Path, title: Optional[str] = None) -> Path:
+def plot_runs(runs: Sequence[tuple[str, str | Path]], out: Path, title: Optional[str] = None) -> Path:
     """Plot each run's validation score over meta-steps (and training seconds) into ``out`` (PNG)."""
     import matplotlib
 
@@ -85,14 +101,14 @@ def plot_runs(runs: Sequence[tuple[str, Path]], out: Path, title: Optional[str] 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Plot runs given as ``PATH`` or ``PATH=LABEL``, and print each validation's score."""
     parser = argparse.ArgumentParser(description="Validation curves of meta-training runs from their CSV logs.")
-    parser.add_argument("runs", nargs="+", help="CSVLogger save directories or metrics.csv files, as PATH or PATH=LABEL")
+    parser.add_argument("runs", nargs="+", help="CSVLogger save directories or metrics.csv files, as PATH, PATH=LABEL or PATH1,PATH2=LABEL")
     parser.add_argument("--out", required=True, help="PNG file to write")
     parser.add_argument("--title", default=None, help="figure title")
     args = parser.parse_args(argv)
     runs = []
     for spec in args.runs:
         path, _, label = spec.partition("=")
-        runs.append((label or Path(path).name, Path(path)))
+        runs.append((label or Path(path.split(",")[0]).name, path))
     for label, path in runs:
         print(f"{label}: " + ", ".join(f"step {r['step']}: {r['score']:+.3f}" for r in read_validation(path)))
     print(f"wrote {plot_runs(runs, Path(args.out), args.title)}")
