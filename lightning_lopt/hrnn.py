@@ -24,6 +24,10 @@ __all__ = ["BiasGRU", "HierarchicalRNN", "HRNNState", "Layout", "StepDiagnostics
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
+PROGRESS_CENTERS: tuple[float, ...] = (0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.1)
+"""Centres ``c`` of the training-progress features ``tanh(10 * (x - c))`` (VeLO's embedding):
+dense early, where a run's character changes fastest, and one past the end for overruns."""
+
 
 def _normal_(tensor: Tensor, fan_in: int, generator: torch.Generator) -> Tensor:
     with torch.no_grad():
@@ -281,6 +285,15 @@ class HierarchicalRNN(nn.Module):
         global_units: Hidden units of the global RNN.
         num_timescales: Momentum timescales (each twice the one before).
         attention: Take gradients at a learned look-ahead point (Nesterov-like).
+        hierarchy: Run the tensor and global RNNs (the paper's architecture). ``False`` is the
+            paper's ablation: the parameter RNN gets no injected biases (zero injection) and the
+            tensor and global RNNs never run; their modules are kept, unused, so that every
+            adapter sees the same parameter names (their states stay at the learned initial ones).
+        progress_input: Feed the global RNN the fraction of training done, ``x = step / total``,
+            as ``tanh(10 * (x - c))`` for each centre ``c`` of ``progress_centers`` (as VeLO
+            does). An unknown horizon gives all-zero features, a pattern no known horizon
+            produces (each ``x`` drives most features to +-1). Needs ``hierarchy``.
+        progress_centers: Centres of the training-progress embedding.
         gate_bias: Initial gate bias of all GRUs.
         shortcut_init: Mean of the initial shortcut weights from rescaled momenta to directions.
         shortcut_init_std: Standard deviation of that initialisation.
@@ -303,6 +316,9 @@ class HierarchicalRNN(nn.Module):
         global_units: int = 20,
         num_timescales: int = 4,
         attention: bool = True,
+        hierarchy: bool = True,
+        progress_input: bool = False,
+        progress_centers: tuple[float, ...] = PROGRESS_CENTERS,
         gate_bias: float = 2.2,
         shortcut_init: float = 0.25,
         shortcut_init_std: float = 0.05,
@@ -321,12 +337,19 @@ class HierarchicalRNN(nn.Module):
             raise ValueError("Unit counts and num_timescales must be positive.")
         if not log_lr_bounds[0] < log_lr_bounds[1]:
             raise ValueError(f"log_lr_bounds must be (low, high) with low < high, got {log_lr_bounds}.")
+        if progress_input and not hierarchy:
+            raise ValueError("progress_input feeds the global RNN, which hierarchy=False removes.")
+        if progress_input and not progress_centers:
+            raise ValueError("progress_input needs at least one centre in progress_centers.")
         self.config: dict[str, Any] = dict(
             param_units=param_units,
             tensor_units=tensor_units,
             global_units=global_units,
             num_timescales=num_timescales,
             attention=attention,
+            hierarchy=hierarchy,
+            progress_input=progress_input,
+            progress_centers=[float(c) for c in progress_centers],
             gate_bias=gate_bias,
             shortcut_init=shortcut_init,
             shortcut_init_std=shortcut_init_std,
@@ -341,6 +364,9 @@ class HierarchicalRNN(nn.Module):
             seed=seed,
         )
         self.attention = attention
+        self.hierarchy = hierarchy
+        self.progress_input = progress_input
+        self.progress_centers = tuple(float(c) for c in progress_centers)
         self.num_timescales = K = num_timescales
         self.log_lr_bounds = (float(log_lr_bounds[0]), float(log_lr_bounds[1]))
         self.init_lr_range = (float(init_lr_range[0]), float(init_lr_range[1]))
@@ -352,7 +378,8 @@ class HierarchicalRNN(nn.Module):
 
         self.param_rnn = BiasGRU(nf, hp, gate_bias, gen)
         self.tensor_rnn = BiasGRU(hp + nf, ht, gate_bias, gen)
-        self.global_rnn = BiasGRU(ht, hg, gate_bias, gen)
+        num_progress = len(self.progress_centers) if progress_input else 0
+        self.global_rnn = BiasGRU(ht + num_progress, hg, gate_bias, gen)
         self.tensor_to_param = self._affine(ht, 3 * hp, gen)
         self.global_to_param = self._affine(hg, 3 * hp, gen)
         self.global_to_tensor = self._affine(hg, 3 * ht, gen)
@@ -526,6 +553,7 @@ class HierarchicalRNN(nn.Module):
         out_point: Optional[Tensor] = None,
         backend: str = "auto",
         reducer: Optional[StepReducer] = None,
+        progress: Union[float, Tensor, None] = None,
     ) -> StepOutput:
         """One optimizer step over a flat vector. Pure and differentiable.
 
@@ -564,6 +592,9 @@ class HierarchicalRNN(nn.Module):
                 is always the eager reference.
             reducer: Completes the per-tensor and per-problem sums when ``state`` and ``grad``
                 cover only part of the problem (sharded parameters); None: they cover it all.
+            progress: Fraction of training done before this step, ``step / total_steps``: a float
+                or a per-problem ``(P,)`` tensor (NaN marks a problem whose horizon is unknown);
+                None: unknown. Read only with ``progress_input``, else ignored.
         """
         dtype = point.dtype
         cst = self._constants()
@@ -591,7 +622,10 @@ class HierarchicalRNN(nn.Module):
         rnn_dtype = self.h0_tensor.dtype
         h_tensor, h_global = state.h_tensor.to(rnn_dtype), state.h_global.to(rnn_dtype)
         h_global_t = h_global[pid]
-        injected_t = (self.tensor_to_param(h_tensor) + self.global_to_param(h_global_t)).to(dtype)
+        if self.hierarchy:
+            injected_t = (self.tensor_to_param(h_tensor) + self.global_to_param(h_global_t)).to(dtype)
+        else:
+            injected_t = point.new_zeros(t_count, 3 * hp, dtype=dtype)
         lr_t = torch.as_tensor(lr, dtype=dtype, device=point.device).expand(t_count)
         wd_t = torch.as_tensor(weight_decay, dtype=dtype, device=point.device).expand(t_count)
         table = torch.cat([injected_t, lr_mean_p[pid].unsqueeze(1), lr_t.unsqueeze(1)], 1)
@@ -666,15 +700,11 @@ class HierarchicalRNN(nn.Module):
         means = sums / layout.tensor_counts.to(dtype).unsqueeze(1)
         rs_d = torch.rsqrt(means[:, -1 - int(cst.attention)] + self.epsilon)
         rs_a = torch.rsqrt(means[:, -1] + self.epsilon) if cst.attention else rs_d
-        tensor_in = means[:, : hp + self.num_features]
-        new_h_tensor = self.tensor_rnn(tensor_in.to(rnn_dtype), h_tensor, self.global_to_tensor(h_global_t))
-        global_in = new_h_tensor.new_zeros(layout.num_problems, new_h_tensor.shape[-1]).index_add(0, pid, new_h_tensor)
-        if reducer is None:
-            global_in = global_in / layout.problem_tensors.to(rnn_dtype).unsqueeze(-1)
+        if self.hierarchy:
+            new_h_tensor, new_h_global = self._tensor_and_global(means, h_tensor, h_global, h_global_t, layout,
+                                                                 reducer, progress)
         else:
-            global_in = reducer.problem_sums(torch.cat([global_in, layout.problem_tensors.to(rnn_dtype).unsqueeze(-1)], 1))
-            global_in = global_in[:, :-1] / global_in[:, -1:]
-        new_h_global = self.global_rnn(global_in, h_global)
+            new_h_tensor, new_h_global = h_tensor, h_global
         update_table = torch.stack([rs_d, rs_a, lr_t * wd_t], 1)
 
         theta_old = state.theta if self.attention else point
@@ -754,6 +784,48 @@ class HierarchicalRNN(nn.Module):
                 h_global=new_h_global.detach().clone(),
             )
         return StepOutput(point_new, new_state, diag)
+
+    def _tensor_and_global(
+        self,
+        means: Tensor,
+        h_tensor: Tensor,
+        h_global: Tensor,
+        h_global_t: Tensor,
+        layout: Layout,
+        reducer: Optional[StepReducer],
+        progress: Union[float, Tensor, None],
+    ) -> tuple[Tensor, Tensor]:
+        """The tensor RNN on each tensor's mean of ``[h_param', z]``, then the global RNN on each
+        problem's mean of the new tensor states (and the progress features with ``progress_input``)."""
+        rnn_dtype, pid = h_tensor.dtype, layout.problem_ids
+        tensor_in = means[:, : self.param_units + self.num_features]
+        new_h_tensor = self.tensor_rnn(tensor_in.to(rnn_dtype), h_tensor, self.global_to_tensor(h_global_t))
+        global_in = new_h_tensor.new_zeros(layout.num_problems, new_h_tensor.shape[-1]).index_add(0, pid, new_h_tensor)
+        if reducer is None:
+            global_in = global_in / layout.problem_tensors.to(rnn_dtype).unsqueeze(-1)
+        else:
+            global_in = reducer.problem_sums(torch.cat([global_in, layout.problem_tensors.to(rnn_dtype).unsqueeze(-1)], 1))
+            global_in = global_in[:, :-1] / global_in[:, -1:]
+        if self.progress_input:
+            global_in = torch.cat([global_in, self.progress_features(progress, layout.num_problems, global_in)], -1)
+        return new_h_tensor, self.global_rnn(global_in, h_global)
+
+    def progress_features(self, progress: Union[float, Tensor, None], num_problems: int, like: Tensor) -> Tensor:
+        """``tanh(10 * (x - c))`` for each centre ``c``, ``(P, len(progress_centers))``; zeros where
+        the horizon is unknown (``progress`` None, or NaN for a problem).
+
+        Args:
+            progress: Fraction of training done: a float, a scalar or ``(P,)`` tensor, or None.
+            num_problems: ``P``.
+            like: A tensor whose dtype and device the features take.
+        """
+        width = len(self.progress_centers)
+        if progress is None:
+            return like.new_zeros(num_problems, width)
+        x = torch.as_tensor(progress, dtype=like.dtype, device=like.device).reshape(-1, 1).expand(num_problems, 1)
+        centers = torch.tensor(self.progress_centers, dtype=like.dtype, device=like.device)
+        features = torch.tanh(10.0 * (x - centers))
+        return torch.where(torch.isnan(x), torch.zeros_like(features), features)
 
     # ------------------------------------------------------------------ adapters
 

@@ -73,8 +73,16 @@ def reference_gru(cell, x, h, injected=None):
     return u * h + (1 - u) * c
 
 
-def reference_step(lopt, state, point, grad, sizes, problems=None, lr=1.0, wd=0.0):
-    """One step of the update rule written as a per-tensor loop, straight from the specification."""
+def reference_progress(lopt, progress, p):
+    """The progress features of problem ``p``: tanh(10 (x - c)) per centre, zeros for an unknown horizon."""
+    x = None if progress is None else float(progress if not torch.is_tensor(progress) or progress.dim() == 0 else progress[p])
+    return torch.tensor([0.0 if x is None or math.isnan(x) else math.tanh(10.0 * (x - c)) for c in lopt.progress_centers],
+                        dtype=F64)
+
+
+def reference_step(lopt, state, point, grad, sizes, problems=None, lr=1.0, wd=0.0, progress=None):
+    """One step of the update rule written as a per-tensor loop, straight from the specification
+    (with ``hierarchy=False``: no injected biases, tensor and global states unchanged)."""
     t_count = len(sizes)
     problems = [0] * t_count if problems is None else list(problems)
     lr = [float(lr)] * t_count if not isinstance(lr, (list, tuple)) else list(lr)
@@ -114,7 +122,10 @@ def reference_step(lopt, state, point, grad, sizes, problems=None, lr=1.0, wd=0.
         z = torch.stack(xs + prods + rels + [eta - mean_eta[p]], dim=1)
         x = torch.stack(xs, dim=1)
 
-        inj = affine(lopt.tensor_to_param, state.h_tensor[t]) + affine(lopt.global_to_param, state.h_global[p])
+        if lopt.hierarchy:
+            inj = affine(lopt.tensor_to_param, state.h_tensor[t]) + affine(lopt.global_to_param, state.h_global[p])
+        else:
+            inj = None
         h = reference_gru(lopt.param_rnn, z, state.h_param[sl], inj)
 
         d = h @ lopt.w_direction + x @ lopt.shortcut_direction
@@ -147,10 +158,14 @@ def reference_step(lopt, state, point, grad, sizes, problems=None, lr=1.0, wd=0.
     h_global_new = []
     for p in range(len(set(problems))):
         global_in = torch.stack([h_tensor_new[t] for t in range(t_count) if problems[t] == p]).mean(0)
+        if lopt.progress_input:
+            global_in = torch.cat([global_in, reference_progress(lopt, progress, p).to(global_in.dtype)])
         h_global_new.append(reference_gru(lopt.global_rnn, global_in, state.h_global[p]))
     res = {key: torch.cat(vals) for key, vals in out.items()}
     res["h_tensor"] = torch.stack(h_tensor_new)
     res["h_global"] = torch.stack(h_global_new)
+    if not lopt.hierarchy:
+        res["h_tensor"], res["h_global"] = state.h_tensor, state.h_global
     if not lopt.attention:
         res["theta"] = None
     return res
@@ -811,3 +826,125 @@ def test_step_follows_in_place_changes_of_the_weights(backend):
     torch.testing.assert_close(after, run(copy.deepcopy(lopt)), rtol=0, atol=0)
     lopt.load_state_dict(HierarchicalRNN().state_dict())
     torch.testing.assert_close(run(lopt), before, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- architecture switches
+
+
+SWITCHES = [
+    dict(hierarchy=False),
+    dict(hierarchy=False, num_timescales=1, attention=False),
+    dict(num_timescales=1),
+    dict(progress_input=True),
+    dict(progress_input=True, attention=False, progress_centers=(0.1, 0.5, 0.9)),
+]
+
+
+@pytest.mark.parametrize("config", SWITCHES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("mode", ["autograd", "chunked"])
+def test_switches_step_matches_reference(config, mode):
+    """The ablation (no tensor/global RNN), one timescale and the training-progress input: each step, on the
+    autograd path and the chunked one, equals the per-tensor reference, with progress per problem (one
+    horizon unknown, NaN), shared, or unknown."""
+    lopt = make_lopt(**config)
+    sizes, problems = [3, 1, 6, 2, 5], [0, 1, 0, 2, 1]
+    layout, state = make_state(lopt, sizes, problems, seed=5)
+    point = state.theta + 0.01 if lopt.attention else torch.linspace(-1.0, 1.0, 17, dtype=F64)
+    for progress in (torch.tensor([0.05, float("nan"), 0.7], dtype=F64), 0.4, None):
+        ref = reference_step(lopt, state, point, grad_fn(point), sizes, problems, lr=0.5, progress=progress)
+        if mode == "autograd":
+            out = lopt.step(state, point, grad_fn(point), layout, lr=0.5, progress=progress)
+        else:
+            with torch.no_grad():
+                out = lopt.step(state, point, grad_fn(point), layout, lr=0.5, chunk_size=4, progress=progress)
+        assert_state_close(out.state, ref, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(out.point, ref["point"], rtol=1e-9, atol=1e-11)
+        state, point = out.state, out.point
+
+
+def test_hierarchy_off_ignores_tensor_and_global_parts():
+    """With hierarchy=False the tensor and global states and weights have no effect and never change; the
+    parameter RNN sees zero injected biases."""
+    lopt = make_lopt(hierarchy=False)
+    layout, state = make_state(lopt, [4, 3], [0, 1])
+    point = state.theta + 0.01
+    out = lopt.step(state, point, grad_fn(point), layout)
+    assert torch.equal(out.state.h_tensor, state.h_tensor) and torch.equal(out.state.h_global, state.h_global)
+    with torch.no_grad():
+        for module in (lopt.tensor_rnn, lopt.global_rnn, lopt.tensor_to_param, lopt.global_to_param, lopt.global_to_tensor):
+            for p in module.parameters():
+                p.add_(1.0)
+    other = lopt.step(state._replace(h_tensor=-state.h_tensor, h_global=state.h_global + 1), point, grad_fn(point), layout)
+    assert torch.equal(other.point, out.point) and torch.equal(other.state.h_param, out.state.h_param)
+    # The same step as the full architecture with zero tensor and global read-ins.
+    full = make_lopt()
+    with torch.no_grad():
+        for module in (full.tensor_to_param, full.global_to_param):
+            for p in module.parameters():
+                p.zero_()
+    ref = full.step(state, point, grad_fn(point), layout)
+    torch.testing.assert_close(out.point, ref.point, rtol=0, atol=0)
+    torch.testing.assert_close(out.state.h_param, ref.state.h_param, rtol=0, atol=0)
+
+
+def test_progress_features_and_their_effect():
+    """Progress enters as tanh(10 (x - c)); with random global-RNN weights, progress 0.05 and 0.95 give different
+    global states, hence different updates at the next step; without progress_input it is ignored."""
+    lopt = make_lopt(progress_input=True)
+    feats = lopt.progress_features(torch.tensor([0.05, float("nan")], dtype=F64), 2, torch.zeros(1, dtype=F64))
+    expected = torch.tensor([math.tanh(10 * (0.05 - c)) for c in lopt.progress_centers], dtype=F64)
+    torch.testing.assert_close(feats[0], expected, rtol=0, atol=1e-15)
+    assert torch.equal(feats[1], torch.zeros_like(feats[1]))
+    assert torch.equal(lopt.progress_features(None, 3, feats), torch.zeros(3, len(lopt.progress_centers), dtype=F64))
+    assert lopt.global_rnn.input_size == lopt.tensor_units + len(lopt.progress_centers)
+
+    layout, state = make_state(lopt, [4, 3])
+    point = state.theta + 0.01
+
+    def two_steps(module, progress):
+        with torch.no_grad():
+            first = module.step(state, point, grad_fn(point), layout, progress=progress)
+            second = module.step(first.state, first.point, grad_fn(first.point), layout, progress=progress)
+        return first, second
+
+    early, late = two_steps(lopt, 0.05), two_steps(lopt, 0.95)
+    assert torch.equal(early[0].point, late[0].point)  # the global RNN runs after this step's update
+    assert not torch.allclose(early[0].state.h_global, late[0].state.h_global)
+    assert not torch.allclose(early[1].point, late[1].point)
+
+    plain = make_lopt()
+    layout, state = make_state(plain, [4, 3])
+    point = state.theta + 0.01
+    a = plain.step(state, point, grad_fn(point), layout, progress=0.3)
+    b = plain.step(state, point, grad_fn(point), layout)
+    assert torch.equal(a.point, b.point) and torch.equal(a.state.h_global, b.state.h_global)
+
+
+def test_switches_are_validated_and_default_is_the_paper_architecture():
+    """The default is the paper's architecture without a progress input; progress needs the global RNN."""
+    lopt = HierarchicalRNN()
+    assert lopt.config["hierarchy"] is True and lopt.config["progress_input"] is False
+    assert lopt.global_rnn.input_size == lopt.tensor_units
+    shipped = HierarchicalRNN.from_pretrained("default")
+    assert shipped.hierarchy and not shipped.progress_input
+    with pytest.raises(ValueError, match="hierarchy"):
+        HierarchicalRNN(hierarchy=False, progress_input=True)
+    with pytest.raises(ValueError, match="progress_centers"):
+        HierarchicalRNN(progress_input=True, progress_centers=())
+
+
+@pytest.mark.parametrize("config", [dict(hierarchy=False, num_timescales=1), dict(progress_input=True)])
+def test_switches_round_trip_through_save_pretrained(tmp_path, config):
+    """The switches are part of the config: a saved file rebuilds the same architecture and steps identically."""
+    lopt = make_lopt(dtype=torch.float32, **config)
+    path = lopt.save_pretrained(tmp_path / "w")
+    loaded = HierarchicalRNN.from_pretrained(path)
+    assert loaded.config == lopt.config
+    assert {k: loaded.config[k] for k in config} == config
+    with pytest.raises(ValueError, match=next(iter(config))):
+        HierarchicalRNN.from_pretrained(path, **{k: not v if isinstance(v, bool) else v + 1 for k, v in config.items()})
+    layout, state = make_state(lopt, [3, 2], dtype=torch.float32)
+    point = state.theta + 0.01
+    a = lopt.step(state, point, grad_fn(point), layout, progress=0.2)
+    b = loaded.step(state, point, grad_fn(point), layout, progress=0.2)
+    assert torch.equal(a.point, b.point) and torch.equal(a.state.h_global, b.state.h_global)
