@@ -285,3 +285,24 @@ def test_pes_under_ddp_averages_the_estimate_across_ranks(tmp_path):
         assert torch.equal(value, r1["params"][name]), name
         moved = moved or not torch.equal(value, start[name])
     assert moved
+
+
+@pytest.mark.parametrize("estimator", ["tbptt", "pes"])
+def test_meta_parameters_restricts_what_meta_training_changes(tmp_path, estimator):
+    """Only the named meta-parameters move; under PES only they are perturbed."""
+    pl.seed_everything(0)
+    kw = {} if estimator == "pes" else {"gradient_estimator": "tbptt", "task_lengths": None,
+                                        "unroll_length_mean": 10, "unroll_length_min": 5, "num_unrolls_mean": 1}
+    module = _pes_module(meta_parameters=["b_*", "step_offset"], **kw)
+    start = {n: p.detach().clone() for n, p in module.lopt.named_parameters()}
+    _meta_trainer(tmp_path, 4, enable_checkpointing=False).fit(module, TaskDataModule(tasks_per_step=2))
+    moved = {n for n, p in module.lopt.named_parameters() if not torch.equal(p.detach(), start[n])}
+    assert moved and moved <= {"b_log_lr", "b_beta_sc", "b_beta_in", "step_offset"}, moved
+    if estimator == "pes":
+        offsets = {n: parameter_index(module.lopt, n) for n in start}
+        j = offsets["step_offset"]
+        xi = module.slots[0].xi
+        assert bool((xi[:, j] != 0).all())
+        assert int((xi != 0).any(0).sum()) == 4  # three b_* scalars and step_offset
+    with pytest.raises(ValueError, match="match none"):
+        _pes_module(meta_parameters=["nothing*"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from fnmatch import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -154,7 +155,11 @@ def run_inner(
             _mark_nonfinite(slots, grad)
             break
         grad = _transform_grads(slots, grad)
-        out = lopt.step(state, point, grad, layout, diagnostics=(t == diagnostics_at))
+        progress = None
+        if lopt.progress_input:
+            # Each task's fraction of its run done before this step: the horizon is known in meta-training.
+            progress = torch.tensor([(s.steps_done + t) / s.length for s in slots], device=point.device)
+        out = lopt.step(state, point, grad, layout, diagnostics=(t == diagnostics_at), progress=progress)
         theta = out.state.theta if lopt.attention else out.point
         losses = torch.stack(_losses(slots, theta, batches))
         if not torch.isfinite(losses).all() or not torch.isfinite(out.point).all():
@@ -261,6 +266,10 @@ class MetaTrainingModule(pl.LightningModule):
             max_task_length)`` under the ES estimators; the heavy-tailed unroll distribution below
             under ``"tbptt"``). Under the ES estimators the first task of each slot is cut to a
             uniformly drawn part of its length, so that the slots' tasks end out of phase.
+        meta_parameters: Names (``fnmatch`` patterns, e.g. ``["w_*", "b_*", "step_offset"]``) of the
+            meta-parameters that meta-training changes; the others stay fixed (None: all). Under the ES
+            estimators only these are perturbed: the estimate's variance grows with their number,
+            so a few scalars are learned with far fewer pairs than all 12,000.
         meta_loss_max: Under the ES estimators, each step's ``log(f_t / f_0)`` is clipped to this, and a
             non-finite or diverged loss counts as this.
         unroll_length_mean: Mean of the exponential part of a partial unroll's length.
@@ -298,6 +307,7 @@ class MetaTrainingModule(pl.LightningModule):
         pes_pairs: int = 8,
         task_lengths: Optional[tuple[int, int]] = None,
         meta_loss_max: float = 1.0,
+        meta_parameters: Optional[list[str]] = None,
         unroll_length_mean: float = 200.0,
         unroll_length_min: int = 50,
         num_unrolls_mean: float = 5.0,
@@ -342,6 +352,13 @@ class MetaTrainingModule(pl.LightningModule):
         self.hparams["task_lengths"] = None if task_lengths is None else [int(v) for v in task_lengths]
         self.hparams["lopt_config"] = self.lopt.config  # what from_pretrained(ckpt) rebuilds
         self.tasks = tasks if tasks is not None else TaskDistribution()
+        names = [n for n, _ in self.lopt.named_parameters()]
+        chosen = names if meta_parameters is None else [n for n in names if any(fnmatch(n, pat) for pat in meta_parameters)]
+        if not chosen:
+            raise ValueError(f"meta_parameters {meta_parameters} match none of the meta-parameters {names}.")
+        self._trained = set(chosen)
+        sizes = [p.numel() for p in self.lopt.parameters()]
+        self._trained_mask = torch.cat([torch.full((k,), n in self._trained) for n, k in zip(names, sizes)])
         self.slots: list[Optional[Union[TaskSlot, ParticleSlot]]] = [None] * tasks_per_step
         self._noise_generator: Optional[torch.Generator] = None
         self.meta_skips = 0
@@ -458,6 +475,9 @@ class MetaTrainingModule(pl.LightningModule):
         opt.zero_grad()
         if objective is not None:
             self.manual_backward(objective)
+            for name, p in self.lopt.named_parameters():
+                if name not in self._trained and p.grad is not None:
+                    p.grad.zero_()
             grads = [p.grad for p in self.lopt.parameters() if p.grad is not None]
             if all(bool(torch.isfinite(g).all()) for g in grads):
                 if hp.meta_grad_clip_value is not None:
@@ -526,6 +546,17 @@ class MetaTrainingModule(pl.LightningModule):
             initial_loss=base.initial_loss,
         )
 
+    def _perturbations(self, theta: Tensor) -> Tensor:
+        """``(pes_pairs, D)`` perturbations, zero outside the trained meta-parameters."""
+        hp = self.hparams
+        mask = self._trained_mask.to(theta.device)
+        drawn = draw_perturbations(hp.pes_pairs, int(mask.sum()), hp.pes_sigma, self._noise(), theta.device)
+        if bool(mask.all()):
+            return drawn
+        eps = theta.new_zeros(hp.pes_pairs, theta.numel())
+        eps[:, mask] = drawn
+        return eps
+
     def _es_training_step(self, seeds: list[int]) -> Tensor:
         hp = self.hparams
         for i, slot in enumerate(self.slots):
@@ -541,11 +572,11 @@ class MetaTrainingModule(pl.LightningModule):
         for i, slot in enumerate(self.slots):
             if hp.gradient_estimator == "es_single":
                 if slot.eps is None:
-                    slot.eps = draw_perturbations(hp.pes_pairs, theta.numel(), hp.pes_sigma, self._noise(), theta.device)
+                    slot.eps = self._perturbations(theta)
                 eps = slot.eps
                 slot.xi = eps
             else:
-                eps = draw_perturbations(hp.pes_pairs, theta.numel(), hp.pes_sigma, self._noise(), theta.device)
+                eps = self._perturbations(theta)
                 slot.xi = eps.clone() if slot.steps_done == 0 or slot.xi is None else slot.xi + eps
             mean_losses, ran, d = unroll_particles(
                 self.lopt, slot, antithetic(theta, eps), hp.truncation_length, hp.meta_loss_max,
