@@ -195,6 +195,12 @@ class HierarchicalRNNOptimizer(Optimizer):
             RNN's input) are then all-reduced over it, so every rank applies the update of one
             optimizer over the whole model. None: this optimizer holds the whole problem. FSDP2
             (fully_shard) parameters need nothing: their shard group is read from them.
+        total_steps: The training horizon in optimizer steps, for weights meta-trained with a
+            training-progress input (``progress_input`` in their config): each step then passes
+            ``steps taken / total_steps`` to the update rule. None: the horizon is unknown. Weights
+            without that input ignore it. Settable later as the attribute of the same name; in a
+            Trainer, lightning_lopt.callbacks.TrainingProgress sets it from
+            ``trainer.estimated_stepping_batches``.
 
     Sharded parameters (DTensors from ``fully_shard``, ``Shard`` or ``Replicate`` on one 1-D mesh)
     are stepped shard by shard; each rank keeps state for its local shard only, and the per-tensor
@@ -219,6 +225,7 @@ class HierarchicalRNNOptimizer(Optimizer):
         chunk_size: Optional[int] = None,
         backend: str = "auto",
         problem_group: Optional[Any] = None,
+        total_steps: Optional[int] = None,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning-rate multiplier lr={lr}: it must be >= 0.")
@@ -255,6 +262,7 @@ class HierarchicalRNNOptimizer(Optimizer):
         self.chunk_size = None if chunk_size is None else int(chunk_size)
         self._point_buffer: Optional[Tensor] = None
         self._hyper_cache: Optional[tuple[Any, Tensor, Tensor]] = None
+        self.total_steps = total_steps
 
     # ------------------------------------------------------------------ public helpers
 
@@ -291,6 +299,29 @@ class HierarchicalRNNOptimizer(Optimizer):
         """Steps skipped because a gradient or the update was not finite (parameters and state unchanged)."""
         st = self.hrnn_state
         return 0 if st is None else int(st["skipped"])
+
+    @property
+    def total_steps(self) -> Optional[int]:
+        """The training horizon in optimizer steps, or None when it is unknown."""
+        return self._total_steps
+
+    @total_steps.setter
+    def total_steps(self, value: Optional[int]) -> None:
+        if value is not None:
+            if not math.isfinite(value) or int(value) != value or value < 1:
+                raise ValueError(f"Invalid total_steps={value!r}: a positive whole number of steps, or None.")
+            value = int(value)
+        self._total_steps = value
+
+    @property
+    def progress(self) -> Optional[float]:
+        """The fraction of training done that the next step passes to the update rule: steps taken
+        (skipped ones included) over :attr:`total_steps`; None when the horizon is unknown."""
+        if self._total_steps is None:
+            return None
+        st = self.hrnn_state
+        done = 0 if st is None else int(st["step"]) + int(st["skipped"])
+        return done / self._total_steps
 
     def request_diagnostics(self) -> None:
         """Make the next :meth:`step` compute a :class:`StepDiagnostics` into ``last_diagnostics``."""
@@ -697,6 +728,8 @@ class HierarchicalRNNOptimizer(Optimizer):
             if self._point_buffer is None or self._point_buffer.shape != point.shape:
                 self._point_buffer = torch.empty_like(point)
             fast.update(out=state, out_point=self._point_buffer)
+        if self.lopt.progress_input:
+            fast.update(progress=self.progress)
         out = self.lopt.step(state, point, grad, layout, lr=lr, weight_decay=wd, diagnostics=diagnostics, **fast)
         new = out.state
         finite = self._finite_result(out, act_params, check_state=not in_place)
@@ -755,6 +788,7 @@ class HierarchicalRNNOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_total_steps", None)  # pickled before the horizon existed
         for k in self._TRANSIENT:
             setattr(self, k, None)
         self._layout_cache = {}

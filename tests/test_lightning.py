@@ -539,3 +539,22 @@ def test_example_script_runs(tmp_path: Path) -> None:
             enable_progress_bar=False,
         )
     assert 0.0 <= acc <= 1.0
+
+
+@pytest.mark.parametrize("given", [None, 100])
+def test_training_progress_callback_sets_the_horizon(tmp_path: Path, given: Optional[int]) -> None:
+    """TrainingProgress gives the optimizer trainer.estimated_stepping_batches (or its own horizon), which the
+    optimizer's progress then follows; a horizon passed to the optimizer is kept."""
+    from lightning_lopt.callbacks import TrainingProgress
+
+    weights = HierarchicalRNN(progress_input=True)
+    model = TinyModule(n_batches=4, weights=weights)
+    trainer = _trainer(tmp_path, max_epochs=2, accumulate_grad_batches=2, callbacks=[TrainingProgress(given), EvalWithTrueParameters()])
+    trainer.fit(model)
+    opt = _hrnn(trainer)
+    assert opt.total_steps == (given or 4) and opt.hrnn_state["step"] == 4
+    assert opt.progress == 4 / opt.total_steps
+    kept = TinyModule(n_batches=4, weights=weights, total_steps=50)
+    trainer = _trainer(tmp_path, max_epochs=1, callbacks=[TrainingProgress(), EvalWithTrueParameters()])
+    trainer.fit(kept)
+    assert _hrnn(trainer).total_steps == 50

@@ -694,3 +694,76 @@ def test_float64_parameters_are_stepped_in_float64(attention):
     with torch.no_grad():
         ref = lopt.step(state, start.clone(), grad, layout, backend="eager", chunk_size=0)
     torch.testing.assert_close(p.detach(), ref.point, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- training progress (the horizon)
+
+
+@pytest.fixture(scope="module")
+def lopt_progress():
+    lopt = HierarchicalRNN(progress_input=True)
+    with torch.no_grad():  # a global RNN that reads its progress inputs strongly
+        lopt.global_rnn.weight_gates.mul_(3.0)
+        lopt.global_rnn.weight_candidate.mul_(3.0)
+    return lopt
+
+
+def _run_with_horizon(weights, total_steps, steps=6, backend="auto"):
+    model = make_mlp()
+    opt = HierarchicalRNNOptimizer(model.parameters(), weights=weights, total_steps=total_steps, backend=backend)
+    seen = []
+    for _ in range(steps):
+        seen.append(opt.progress)
+        train(model, opt, 1)
+    return flat(model.parameters()), opt, seen
+
+
+def test_optimizer_passes_progress_when_the_horizon_is_known(lopt_progress):
+    """With a horizon, step k passes k / total_steps: the trajectory equals the pure step fed those values, and
+    differs from the one without a horizon, which also trains."""
+    with_horizon, opt, seen = _run_with_horizon(lopt_progress, 8, backend="eager")
+    assert seen == [k / 8 for k in range(6)] and opt.progress == 6 / 8
+    unknown, opt_none, seen_none = _run_with_horizon(lopt_progress, None, backend="eager")
+    assert seen_none == [None] * 6 and opt_none.progress is None
+    assert torch.isfinite(unknown).all() and not torch.allclose(with_horizon, unknown)
+    # The pure step, fed step / total_steps by hand.
+    model = make_mlp()
+    params = list(model.parameters())
+    layout = Layout.build([p.numel() for p in params])
+    point = flat(params)
+    state = lopt_progress.init_state(layout, theta=point, generator=torch.Generator().manual_seed(0))
+    for k in range(6):
+        with torch.no_grad():
+            torch._foreach_copy_([p.data for p in params], [v.view_as(p) for v, p in zip(point.split(layout.sizes), params)])
+        model.zero_grad()
+        mlp_loss(model).backward()
+        grad = torch.cat([p.grad.reshape(-1) for p in params])
+        with torch.no_grad():
+            out = lopt_progress.step(state, point, grad, layout, progress=k / 8, backend="eager")
+        state, point = out.state, out.point
+    torch.testing.assert_close(with_horizon, point, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("total_steps", [None, 10])
+def test_progress_cpp_kernel_equals_eager(lopt_progress, total_steps):
+    """The global RNN runs in torch after the element-level kernel: the C++ backend equals eager with progress."""
+    cpp, opt, _ = _run_with_horizon(lopt_progress, total_steps, backend="cpp")
+    assert lopt_progress.last_backend == "cpp"
+    eager, _, _ = _run_with_horizon(lopt_progress, total_steps, backend="eager")
+    torch.testing.assert_close(cpp, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_horizon_is_ignored_without_progress_input(lopt):
+    """Weights without the progress input step identically with or without a horizon."""
+    a, _, _ = _run_with_horizon(lopt, 5)
+    b, _, _ = _run_with_horizon(lopt, None)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, float("inf")])
+def test_invalid_total_steps_raise(lopt, bad):
+    with pytest.raises(ValueError, match="total_steps"):
+        HierarchicalRNNOptimizer(make_mlp().parameters(), weights=lopt, total_steps=bad)
+    opt = HierarchicalRNNOptimizer(make_mlp().parameters(), weights=lopt)
+    with pytest.raises(ValueError, match="total_steps"):
+        opt.total_steps = bad

@@ -2,5 +2,12 @@
 
 from lightning_lopt.callbacks.eval_mode import EvalWithTrueParameters
 from lightning_lopt.callbacks.monitor import LearnedOptimizerMonitor, diagnostics_histograms, diagnostics_summary
+from lightning_lopt.callbacks.progress import TrainingProgress
 
-__all__ = ["EvalWithTrueParameters", "LearnedOptimizerMonitor", "diagnostics_histograms", "diagnostics_summary"]
+__all__ = [
+    "EvalWithTrueParameters",
+    "LearnedOptimizerMonitor",
+    "TrainingProgress",
+    "diagnostics_histograms",
+    "diagnostics_summary",
+]
