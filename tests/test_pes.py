@@ -306,3 +306,60 @@ def test_meta_parameters_restricts_what_meta_training_changes(tmp_path, estimato
         assert int((xi != 0).any(0).sum()) == 4  # three b_* scalars and step_offset
     with pytest.raises(ValueError, match="match none"):
         _pes_module(meta_parameters=["nothing*"])
+
+
+# ---------------------------------------------------------------------------- architecture switches
+
+
+def _progress_lopt(progress_input: bool = True) -> HierarchicalRNN:
+    lopt = HierarchicalRNN(progress_input=progress_input)
+    with torch.no_grad():  # a global RNN that reads its inputs strongly, so that progress shows within 3 steps
+        lopt.global_rnn.weight_gates.mul_(4.0)
+        lopt.global_rnn.weight_candidate.mul_(4.0)
+        lopt.global_to_param.weight.mul_(4.0)
+    return lopt
+
+
+@pytest.mark.parametrize("progress_input", [True, False])
+def test_inner_unrolls_pass_each_tasks_progress(progress_input):
+    """run_inner (TBPTT) and unroll_particles (PES) feed steps_done / length: the same task run as part of a
+    short and of a long horizon takes different steps with the progress input, identical ones without."""
+    lopt = _progress_lopt(progress_input)
+    task = QuadraticTask(dim=10, seed=2)
+    with torch.no_grad():
+        short, long = start_task(lopt, task, 4), start_task(lopt, task, 400)
+        run_inner(lopt, [short, long], 3)
+    particles = [particles_of(start_task(lopt, task, n), 2) for n in (4, 400)]
+    theta = flat_meta_parameters(lopt)
+    for p in particles:
+        unroll_particles(lopt, p, antithetic(theta, torch.zeros(1, theta.numel())), 3, 1.0)
+    assert short.steps_done == long.steps_done == 3
+    if progress_input:
+        assert not torch.allclose(short.point, long.point)
+        assert not torch.allclose(particles[0].point, particles[1].point)
+    else:
+        assert torch.equal(short.point, long.point)
+        assert torch.equal(particles[0].point, particles[1].point)
+    # Particles at the unperturbed meta-parameters follow the TBPTT unroll, progress included.
+    torch.testing.assert_close(particles[0].point[0], short.point, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(particles[1].point[1], long.point, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["tbptt", "pes"])
+@pytest.mark.parametrize(
+    "config", [{"progress_input": True}, {"hierarchy": False, "num_timescales": 1}], ids=["progress", "ablation"]
+)
+def test_meta_training_with_architecture_switches(tmp_path, estimator, config):
+    """Meta-training steps run with the progress input and with the paper's ablation, under both estimators,
+    and the checkpoint rebuilds the same architecture."""
+    pl.seed_everything(0)
+    module = _pes_module(gradient_estimator=estimator, lopt_config=config)
+    before = flat_meta_parameters(module.lopt)
+    trainer = _meta_trainer(tmp_path, 3, enable_checkpointing=False)
+    trainer.fit(module, TaskDataModule(tasks_per_step=2))
+    after = flat_meta_parameters(module.lopt)
+    assert torch.isfinite(after).all() and not torch.equal(before, after)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    loaded = HierarchicalRNN.from_pretrained(tmp_path / "last.ckpt")
+    assert {k: loaded.config[k] for k in config} == config and loaded.config == module.lopt.config
+    assert torch.equal(flat_meta_parameters(loaded), after)

@@ -159,8 +159,10 @@ class _StepCall(nn.Module):
         super().__init__()
         self.lopt = lopt
 
-    def forward(self, state: HRNNState, point: Tensor, grad: Tensor, layout: Layout) -> tuple[Tensor, HRNNState]:
-        out = self.lopt.step(state, point, grad, layout, backend="eager")
+    def forward(
+        self, state: HRNNState, point: Tensor, grad: Tensor, layout: Layout, progress: Optional[Tensor] = None
+    ) -> tuple[Tensor, HRNNState]:
+        out = self.lopt.step(state, point, grad, layout, backend="eager", progress=progress)
         return out.point, out.state
 
 
@@ -241,7 +243,9 @@ def unroll_particles(
     grads_and_losses = vmap(grad_and_value(loss_of), in_dims=(0, None))
     losses_at = vmap(loss_of, in_dims=(0, None))
     caller = _StepCall(lopt)
-    step = vmap(lambda prm, st, pt, g: functional_call(caller, prm, (st, pt, g, layout)))
+    # The particles of a task are at the same inner step: their training progress is shared (unbatched).
+    step = vmap(lambda prm, st, pt, g, prog: functional_call(caller, prm, (st, pt, g, layout, prog)),
+                in_dims=(0, 0, 0, 0, None))
     steps = max(0, min(num_steps, slot.length - slot.steps_done))
     total = torch.zeros(perturbed.shape[0], dtype=torch.float32, device=slot.point.device)
     diag = None
@@ -255,14 +259,16 @@ def unroll_particles(
         finite_grad = torch.isfinite(grads).all(1)
         # A particle whose gradient is non-finite has diverged; zeros keep its lane harmless.
         grads = torch.where(finite_grad.unsqueeze(1), grads, torch.zeros_like(grads))
+        progress = _progress(lopt, slot.steps_done + t, slot.length, point)
         if diagnostics and t == 0:
             with torch.no_grad():
                 one = HRNNState(*(None if v is None else v[0] for v in state))
-                diag = lopt.step(one, point[0], grads[0], layout, diagnostics=True, backend="eager").diagnostics
+                diag = lopt.step(one, point[0], grads[0], layout, diagnostics=True, backend="eager",
+                                 progress=progress).diagnostics
         # The step runs with grad mode on so that it takes its one-chunk reference path (its
         # inputs do not require grad, so no graph is recorded).
         with torch.enable_grad():
-            point, state = step(params, state, point, grads)
+            point, state = step(params, state, point, grads, progress)
         theta = state.theta if lopt.attention else point
         with torch.no_grad():
             losses = losses_at(theta, batch)
@@ -282,6 +288,13 @@ def unroll_particles(
     slot.point, slot.state = point, state
     slot.steps_done += ran
     return (total / ran if ran else None), ran, diag
+
+
+def _progress(lopt: HierarchicalRNN, steps_done: int, length: int, like: Tensor) -> Optional[Tensor]:
+    """A task's fraction of training done, ``(1,)``, for a rule with a progress input (else None)."""
+    if not lopt.progress_input:
+        return None
+    return torch.tensor([steps_done / length], dtype=torch.float32, device=like.device)
 
 
 def pes_estimate(xi: Tensor, losses: Tensor, sigma: float) -> Tensor:
