@@ -196,11 +196,11 @@ class HierarchicalRNNOptimizer(Optimizer):
             optimizer over the whole model. None: this optimizer holds the whole problem. FSDP2
             (fully_shard) parameters need nothing: their shard group is read from them.
         total_steps: The training horizon in optimizer steps, for weights meta-trained with a
-            training-progress input (``progress_input`` in their config): each step then passes
-            ``steps taken / total_steps`` to the update rule. None: the horizon is unknown. Weights
+            training-progress input (progress_input in their config): each step then passes
+            steps taken / total_steps to the update rule. None: the horizon is unknown. Weights
             without that input ignore it. Settable later as the attribute of the same name; in a
             Trainer, lightning_lopt.callbacks.TrainingProgress sets it from
-            ``trainer.estimated_stepping_batches``.
+            trainer.estimated_stepping_batches.
 
     Sharded parameters (DTensors from ``fully_shard``, ``Shard`` or ``Replicate`` on one 1-D mesh)
     are stepped shard by shard; each rank keeps state for its local shard only, and the per-tensor
