@@ -7,6 +7,10 @@ ES-Single estimates perturbing only that meta-parameter, with their per-pair spr
 estimate's standard deviation per pair says how many pairs an update needs.
 
     python -m lightning_lopt.bench.estimators
+    python -m lightning_lopt.bench.estimators --families mlp,quadratic,rosenbrock   # the finite difference per task family
+
+The second form shows which parts of the training distribution reward a faster or slower decay of
+the learning rate over the whole horizon.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 
 from lightning_lopt.hrnn import HierarchicalRNN
 from lightning_lopt.meta.bias import es_derivatives, finite_difference, summary, tbptt_derivative
-from lightning_lopt.tasks import GradientNoise, QuadraticTask
+from lightning_lopt.tasks import GradientNoise, QuadraticTask, TaskDistribution
 
 __all__ = ["main"]
 
@@ -33,9 +37,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--noise", type=float, default=1.0, help="gradient noise of the quadratic")
     parser.add_argument("--param", default="b_log_lr", help="the scalar meta-parameter")
     parser.add_argument("--weights", default="default", help="meta-parameters to measure at")
+    parser.add_argument("--families", default=None,
+                        help="comma-separated task families: print only the finite difference on tasks of each")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     lopt = HierarchicalRNN.from_pretrained(args.weights)
+    if args.families:
+        _by_family(lopt, args)
+        return
 
     def task_fn() -> GradientNoise:
         return GradientNoise(QuadraticTask(dim=20, seed=3), noise=args.noise)
@@ -62,6 +71,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             cells += [f"{mean:+.3f} ± {sem:.3f}", f"{float(values.std()):.3f}"]
         print(f"| {horizon} | {fd:+.3f} | {tb:+.3f} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | "
               f"{time.perf_counter() - start:.0f} |", flush=True)
+
+
+def _by_family(lopt: HierarchicalRNN, args: argparse.Namespace) -> None:
+    dist = TaskDistribution()
+    print(f"torch {torch.__version__}, 1 thread; weights {args.weights}; finite difference (h = 0.05) of the "
+          f"whole-horizon mean log(f_t/f_0) in {args.param}, tasks of the training distribution's families "
+          "(seeds 77, 78, ...; wrappers drawn as in training)")
+    print("| family | horizon | per task | tasks |")
+    print("| --- | ---: | --- | --- |")
+    for family in args.families.split(","):
+        for horizon in (int(h) for h in args.horizons.split(",")):
+            values, names = [], []
+            for s in range(args.seeds):
+                values.append(finite_difference(lopt, lambda s=s: dist.sample_family(family, 77 + s), horizon,
+                                                args.param, h=0.05, seed=s))
+                names.append(repr(dist.sample_family(family, 77 + s)).split("(")[0])
+            print(f"| {family} | {horizon} | {', '.join(f'{v:+.2f}' for v in values)} | {', '.join(names)} |", flush=True)
 
 
 if __name__ == "__main__":
