@@ -3,8 +3,8 @@
     python -m lightning_lopt.meta.curves runs/cmp_pes=PES runs/cmp_tbptt=TBPTT --out docs/meta/pes_vs_tbptt.png
 
 Each run is a ``CSVLogger`` save directory (or a ``metrics.csv`` file), or several joined with
-commas: a run resumed into new log versions or directories is read in the order of its files'
-modification times, a later file's rows replacing an earlier one's from the step it starts at.
+commas: a run resumed into new log versions or directories is read in the order of the steps its
+files start at, a later file's rows replacing an earlier one's from the step it starts at.
 The figure shows
 ``val/log_ratio_vs_adam`` (mean log of the final loss relative to Adam's; lower is better) over
 meta-steps and, where the run logged it, over training seconds.
@@ -31,16 +31,21 @@ def _metrics_files(spec: str) -> list[Path]:
         if not files:
             raise FileNotFoundError(f"No metrics.csv under {path}: pass a CSVLogger save directory or a metrics.csv file.")
         found += files
-    return sorted(found, key=lambda p: p.stat().st_mtime)
+    return found
+
+
+def _first_step(rows: list[dict[str, str]]) -> int:
+    return min((int(r["step"]) for r in rows if r.get("step")), default=0)
 
 
 def _merged_rows(spec: str) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
-    for path in _metrics_files(spec):
-        new = list(csv.DictReader(open(path)))
+    # A resumed run's log starts at its checkpoint's step; file times do not survive a git checkout.
+    logs = sorted((list(csv.DictReader(open(path))) for path in _metrics_files(spec)), key=_first_step)
+    for new in logs:
         if new:
             # A resumed run repeats the steps after its checkpoint: the later log replaces them.
-            first = min(int(r["step"]) for r in new if r.get("step"))
+            first = _first_step(new)
             rows = [r for r in rows if int(r["step"]) < first] + new
     return rows
 
