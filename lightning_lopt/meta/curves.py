@@ -86,7 +86,6 @@ def plot_runs(runs: Sequence[tuple[str, str | Path]], out: Path, title: Optional
             timed = [r for r in rows if not math.isnan(r["seconds"])]
             axes[0, 1].plot([r["seconds"] / 60 for r in timed], [r["score"] for r in timed], marker="o", label=label)
     axes[0, 0].set_xlabel("meta-step")
-    axes[0, 0].set_xscale("symlog", linthresh=10)
     if with_time:
         axes[0, 1].set_xlabel("training minutes")
     for ax in axes[0]:
