@@ -48,18 +48,7 @@ def start_task(lopt: HierarchicalRNN, task: Task, length: int, seed: int = 0) ->
 
 def particles_of(slot: TaskSlot, count: int) -> ParticleSlot:
     """``count`` identical particles at ``slot``'s point and state, sharing its generator."""
-    return ParticleSlot(
-        seed=slot.seed,
-        task=slot.task,
-        length=slot.length,
-        shapes=slot.shapes,
-        generator=slot.generator,
-        point=slot.point.detach().unsqueeze(0).repeat(count, 1),
-        state=type(slot.state)(
-            *(None if v is None else v.detach().unsqueeze(0).repeat(count, *[1] * v.dim()) for v in slot.state)
-        ),
-        initial_loss=slot.initial_loss,
-    )
+    return ParticleSlot.from_task_slot(slot, count)
 
 
 def parameter_index(lopt: HierarchicalRNN, name: str) -> int:

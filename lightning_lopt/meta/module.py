@@ -18,6 +18,7 @@ from lightning_lopt.hrnn import HierarchicalRNN, HRNNState, Layout, StepDiagnost
 from lightning_lopt.meta.pes import (
     ESTIMATORS,
     ParticleSlot,
+    _to_device,
     antithetic,
     draw_perturbations,
     flat_meta_parameters,
@@ -220,16 +221,6 @@ def _mark_nonfinite(slots: Sequence[TaskSlot], grad: Tensor) -> None:
         if not torch.isfinite(grad[offset : offset + n]).all():
             slot.diverged = True
         offset += n
-
-
-def _to_device(batch: Any, device: Union[torch.device, str]) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
 
 
 class MetaTrainingModule(pl.LightningModule):
@@ -534,17 +525,7 @@ class MetaTrainingModule(pl.LightningModule):
             base = self.new_slot(seed)
         if first:
             base.length = 1 + int(torch.randint(base.length, (), generator=base.generator))
-        p = 2 * hp.pes_pairs
-        return ParticleSlot(
-            seed=base.seed,
-            task=base.task,
-            length=base.length,
-            shapes=base.shapes,
-            generator=base.generator,
-            point=base.point.detach().unsqueeze(0).repeat(p, 1),
-            state=HRNNState(*(None if v is None else v.detach().unsqueeze(0).repeat(p, *([1] * v.dim())) for v in base.state)),
-            initial_loss=base.initial_loss,
-        )
+        return ParticleSlot.from_task_slot(base, 2 * hp.pes_pairs)
 
     def _perturbations(self, theta: Tensor) -> Tensor:
         """``(pes_pairs, D)`` perturbations, zero outside the trained meta-parameters."""

@@ -105,6 +105,23 @@ class ParticleSlot:
         """True once the task has run its length, or every particle diverged."""
         return self.steps_done >= self.length or (self.dead is not None and bool(self.dead.all()))
 
+    @classmethod
+    def from_task_slot(cls, slot: Any, count: int) -> "ParticleSlot":
+        """``count`` identical particles at a :class:`~lightning_lopt.meta.TaskSlot`'s point and state,
+        sharing its task and generator."""
+        return cls(
+            seed=slot.seed,
+            task=slot.task,
+            length=slot.length,
+            shapes=slot.shapes,
+            generator=slot.generator,
+            point=slot.point.detach().unsqueeze(0).repeat(count, 1),
+            state=HRNNState(
+                *(None if v is None else v.detach().unsqueeze(0).repeat(count, *[1] * v.dim()) for v in slot.state)
+            ),
+            initial_loss=slot.initial_loss,
+        )
+
     def layout(self) -> Layout:
         """The layout of one particle's flat vector (one problem)."""
         return Layout.build([math.prod(s) for s in self.shapes], device=self.point.device)
