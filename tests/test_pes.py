@@ -378,3 +378,30 @@ def test_curves_join_a_resumed_run_and_plot(tmp_path):
     assert [(r["step"], r["score"], r["seconds"]) for r in rows] == [(9, 0.5, 10), (19, 0.4, 20), (29, 0.2, 28), (39, 0.1, 38)]
     out = plot_runs([("run", f"{tmp_path / 'a'},{tmp_path / 'b'}")], tmp_path / "fig.png")
     assert out.stat().st_size > 1000
+
+
+def test_resume_under_another_task_distribution_starts_fresh_tasks(tmp_path):
+    """Changing the corpus between runs keeps the meta-parameters and warns; tasks in flight restart."""
+    def module(noise_prob):
+        return _pes_module(gradient_estimator="es_single", tasks=TaskDistribution(
+            family_weights={"quadratic": 1.0, "norm": 1.0}, gradient_noise_prob=noise_prob, quadratic_dims=(3, 9),
+            norm_dims=(3, 9)), task_lengths=(20, 40))
+
+    pl.seed_everything(0)
+    first = module(0.0)
+    ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    _meta_trainer(tmp_path / "a", 2, callbacks=[ckpt_cb]).fit(first, TaskDataModule(tasks_per_step=2))
+    ckpt = next((tmp_path / "ckpt").glob("*step=2*.ckpt"))
+    assert torch.load(ckpt, weights_only=True)["meta_task_distribution"] == first.tasks.settings()
+
+    same = module(0.0)
+    same.on_load_checkpoint(torch.load(ckpt, weights_only=True))
+    same.trainer = first.trainer  # on_train_start reads the world size and rank
+    same.on_train_start()
+    assert [s.seed for s in same.slots] == [s.seed for s in first.slots]
+
+    changed = module(1.0)
+    with pytest.warns(UserWarning, match="task distribution differs"):
+        _meta_trainer(tmp_path / "b", 4, enable_checkpointing=False).fit(changed, TaskDataModule(tasks_per_step=2), ckpt_path=ckpt)
+    saved = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert changed.global_step == 4 and any(not torch.equal(v, saved[f"lopt.{k}"]) for k, v in changed.lopt.state_dict().items())

@@ -728,6 +728,7 @@ class MetaTrainingModule(pl.LightningModule):
             "stream_position": self.stream_position,
             "train_seconds": self._train_seconds,
         }
+        checkpoint["meta_task_distribution"] = self._distribution_settings()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         counters = checkpoint.get("meta_counters", {})
@@ -739,6 +740,7 @@ class MetaTrainingModule(pl.LightningModule):
             ranks = [{"slots": checkpoint["meta_slots"], "noise_generator": None,
                       "inner_divergences": int(counters.get("inner_divergences", 0))}]
         self._pending_ranks = ranks
+        self._pending_distribution = checkpoint.get("meta_task_distribution")
 
     def on_train_start(self) -> None:
         ranks = getattr(self, "_pending_ranks", None)
@@ -759,7 +761,24 @@ class MetaTrainingModule(pl.LightningModule):
         if mine["noise_generator"] is not None:
             self._noise_generator = torch.Generator()
             self._noise_generator.set_state(mine["noise_generator"])
-        self.slots = [None if s is None else self._restore_slot(s) for s in mine["slots"]]
+        saved_distribution = getattr(self, "_pending_distribution", None)
+        self._pending_distribution = None
+        changed = saved_distribution is not None and saved_distribution != self._distribution_settings()
+        slots = [] if changed else [None if s is None else self._restore_slot(s) for s in mine["slots"]]
+        # Tasks in flight are made again from their seeds, so they are only the saved ones under the
+        # same distribution; checkpoints older than the recorded settings are checked by size.
+        if changed or any(s is not None and s.point.shape[-1] != s.numel for s in slots):
+            warnings.warn(
+                "The task distribution differs from the checkpoint's: the meta-parameters, optimizer and stream "
+                "resume, and tasks in flight start afresh (not bit-exact).",
+                UserWarning,
+            )
+            return
+        self.slots = slots
+
+    def _distribution_settings(self) -> Optional[dict[str, Any]]:
+        settings = getattr(self.tasks, "settings", None)  # duck-typed distributions may have none
+        return settings() if callable(settings) else None
 
     def _restore_slot(self, saved: dict[str, Any]) -> Union[TaskSlot, ParticleSlot]:
         if saved.get("kind") == "particles":

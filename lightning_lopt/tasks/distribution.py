@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from lightning_lopt.tasks.base import Task
 from lightning_lopt.tasks.functions import FUNCTIONS_2D, Function2DTask
@@ -150,6 +150,10 @@ class TaskDistribution:
         self.sum_sizes = tuple(sum_sizes)
         self.reparam_prob = reparam_prob
         self.reparam_range = tuple(reparam_range)
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that decides which task a seed draws (meta-training checkpoints compare it on resume)."""
+        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in sorted(vars(self).items())}
 
     @property
     def families(self) -> list[str]:
