@@ -155,12 +155,16 @@ def test_ablation_plan_never_substitutes_untrained_weights(tmp_path: Path) -> No
     plan = q.plan_ablations({}, full)
     assert all(p["status"] == "skipped" for p in plan.values())
     assert "no meta-trained weights" in plan["no_attention"]["reason"]
-    if "param_rnn_only" not in HierarchicalRNN.__init__.__code__.co_varnames:
-        assert plan["param_rnn_only"]["reason"].startswith("not supported")
+    assert q.Ablation("x", "a switch HierarchicalRNN lacks", "no_such_switch", 1).unsupported().startswith("HierarchicalRNN has no")
+    assert all(ab.unsupported() is None for ab in q.ABLATIONS.values())
     no_att = HierarchicalRNN(attention=False).save_pretrained(tmp_path / "no_att.safetensors")
     with_att = HierarchicalRNN().save_pretrained(tmp_path / "att.safetensors")
-    plan = q.plan_ablations({"no_attention": str(no_att), "one_timescale": str(with_att)}, full)
+    flat = HierarchicalRNN(hierarchy=False).save_pretrained(tmp_path / "flat.safetensors")
+    plan = q.plan_ablations(
+        {"no_attention": str(no_att), "one_timescale": str(with_att), "param_rnn_only": str(flat)}, full
+    )
     assert plan["no_attention"]["status"] == "run"
+    assert plan["param_rnn_only"]["status"] == "run" and plan["param_rnn_only"]["other_differences"] == {}
     assert plan["one_timescale"]["status"] == "skipped" and "num_timescales=4" in plan["one_timescale"]["reason"]
 
 
@@ -230,6 +234,109 @@ def test_bf16_state_variant_runs_in_bfloat16_and_is_reported(tmp_path: Path) -> 
     assert " ± " in cells[2] and math.isfinite(float(cells[3])) and cells[4] == "no"
     assert "bf16 runs bfloat16" in section
     assert results["meta"]["runs_executed"] == 2 * 5  # learned, bf16 state, 3 baseline settings
+
+
+
+def _lr_hooked(monkeypatch: pytest.MonkeyPatch, hook: Any) -> None:
+    """Make ``q.run_one`` build its optimizers with ``hook`` as a step pre-hook."""
+    make = q.make_optimizer
+
+    def hooked(*args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        opt = make(*args, **kwargs)
+        opt.register_step_pre_hook(hook)
+        return opt
+
+    monkeypatch.setattr(q, "make_optimizer", hooked)
+
+
+def test_cosine_variant_anneals_the_lr_multiplier_from_1_to_0(
+    monkeypatch: pytest.MonkeyPatch, untrained: HierarchicalRNN
+) -> None:
+    steps = 16
+    task = q.build_task("f", **TINY["f"])
+    expected = [0.5 * (1.0 + math.cos(math.pi * t / steps)) for t in range(steps)]
+    seen: list[float] = []
+    _lr_hooked(monkeypatch, lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))
+    cosine = q.run_one(task, q.OptimizerConfig("learned", 1.0, q.COSINE), 0, steps, lopt=untrained, eval_points=4)
+    assert seen == pytest.approx(expected, rel=1e-12, abs=1e-12)  # the lr each step actually ran with
+    seen.clear()
+    constant = q.run_one(task, q.OptimizerConfig("learned", 1.0), 0, steps, lopt=untrained, eval_points=4)
+    assert seen == [1.0] * steps
+
+    # Reference: the default variant with the closed-form cosine written into its lr before every step.
+    # Matching it shows the scheduled lr reaches the learned step, not just the param group.
+    def by_hand(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        opt.param_groups[0]["lr"] = expected[len(seen)]
+        seen.append(opt.param_groups[0]["lr"])
+
+    seen.clear()
+    monkeypatch.undo()  # the recording hook would append to ``seen`` as well
+    _lr_hooked(monkeypatch, by_hand)
+    reference = q.run_one(task, q.OptimizerConfig("learned", 1.0), 0, steps, lopt=untrained, eval_points=4)
+    assert len(seen) == steps
+    for field in ("final_loss", "curve", "eval_curve"):
+        torch.testing.assert_close(cosine[field], reference[field])
+    assert cosine["variant"] == q.COSINE and cosine["optimizer"] == "learned:cosine@1"
+    # Not vacuous: the annealed lr changes the run.
+    assert abs(cosine["final_loss"] - constant["final_loss"]) > 1e-4 * abs(constant["final_loss"])
+
+
+def test_cosine_variant_is_reported_and_leaves_the_bar_alone(tmp_path: Path) -> None:
+    kwargs: dict[str, Any] = dict(
+        task_keys=["d", "f"], out=tmp_path, seeds=2, steps_scale=0.02, show_progress=False,
+        task_overrides={"d": TINY["d"], "f": TINY["f"]}, sweeps={"adam": (1e-3,), "rmsprop": (1e-3,), "sgd": (1e-2,)},
+        eval_points=5,
+    )  # fmt: skip
+    results = q.run_benchmark(**kwargs, cosine=True)
+    assert results["meta"]["runs_executed"] == 2 * 2 * 5  # learned, cosine, 3 baseline settings
+    cos_key = q.OptimizerConfig("learned", 1.0, q.COSINE).key
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["cosine"] == {"variant": q.COSINE, "optimizer": cos_key}
+    assert sorted((r["task"], r["seed"]) for r in data["runs"] if r["variant"] == q.COSINE) == [
+        ("d", 0), ("d", 1), ("f", 0), ("f", 1)
+    ]  # fmt: skip
+    assert (tmp_path / "runs" / "noisy_quadratic" / "learned-cosine_lr1_seed1.json").exists()
+    md = (tmp_path / "results.md").read_text()
+    section = md.split("## Learned + cosine lr schedule", 1)[1].split("\n## ", 1)[0]
+    assert "only the constant lr=1 row" in section
+    beats_adam = beats_best = 0
+    for key, t in data["tasks"].items():
+        s, a = t["summaries"], t["analysis"]
+        cos, learned = s[cos_key], s[a["learned"]]
+        adam, best = s[a["adam_default"]], s[a["tuned"]["best"]]
+        assert a["cosine"] == cos_key and cos["seeds"] == learned["seeds"] == [0, 1]
+        cm = cos["final_loss"]["mean"]
+        assert math.isfinite(cm)
+        assert a["ratio_cosine_to_learned"] == pytest.approx(cm / learned["final_loss"]["mean"])
+        assert a["ratio_cosine_to_adam_default"] == pytest.approx(cm / adam["final_loss"]["mean"])
+        assert a["ratio_cosine_to_best_tuned"] == pytest.approx(cm / best["final_loss"]["mean"])
+        beats_adam += cm < adam["final_loss"]["mean"]
+        beats_best += cm < best["final_loss"]["mean"]
+        row = next(line for line in section.splitlines() if line.startswith(f"| {key} {t['name']} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == 8 and " ± " in cells[2]
+        assert float(cells[5]) == pytest.approx(a["ratio_cosine_to_learned"], rel=1e-2)
+        assert float(cells[6]) == pytest.approx(a["ratio_cosine_to_adam_default"], rel=1e-2)
+        assert cells[7] == ("no" if not cos["diverged_seeds"] else f"yes ({len(cos['diverged_seeds'])}/2)")
+    count = f"lower final loss than Adam 1e-3 on {beats_adam}/2 tasks, than the best tuned on {beats_best}/2"
+    assert f"learned + cosine: {count}" in section
+    # The same runs without the variant (all from the cache): the bar and the learned analysis are unchanged.
+    plain = q.run_benchmark(**kwargs)
+    assert plain["meta"]["runs_executed"] == 0
+    assert plain["bar"] == results["bar"]
+    for key in ("d", "f"):
+        with_cos = {k: v for k, v in results["tasks"][key]["analysis"].items() if "cosine" not in k}
+        assert plain["tasks"][key]["analysis"] == with_cos
+    assert "cosine" not in plain and "Learned + cosine" not in plain["markdown"]
+
+
+def test_cli_cosine_flag_reaches_the_benchmark(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert q.build_parser().parse_args(["--cosine"]).cosine
+    assert not q.build_parser().parse_args([]).cosine
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(q, "run_benchmark", lambda *args, **kwargs: calls.append(kwargs) or {"markdown": ""})
+    assert q.main(["--cosine", "--tasks", "f", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert calls[0]["cosine"] is True
 
 
 def test_bar_summary_counts_tasks_and_groups() -> None:

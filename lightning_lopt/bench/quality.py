@@ -19,7 +19,8 @@ sees the same seeds). The tuned baseline of a task is the (optimizer, lr) with t
 final training loss. The final training loss is measured at the true parameters (the learned
 optimizer is put in eval mode) on the whole training set, or on a fixed large batch for the
 language model. ``--bf16-state`` also runs the learned optimizer with its state in bfloat16 and
-reports its final loss next to the float32-state one. Outputs: ``OUT/results.md``,
+reports its final loss next to the float32-state one; ``--cosine`` also runs it with a cosine
+schedule on its ``lr`` multiplier (1 to 0 over the run). Outputs: ``OUT/results.md``,
 ``OUT/results.json`` and ``OUT/curves_<task>.png`` (drawn by :mod:`lightning_lopt.bench.report`).
 Finished runs are cached under ``OUT/runs`` and reused when the same run is asked for again.
 """
@@ -67,6 +68,7 @@ from lightning_lopt.tasks.benchmark import (
 __all__ = [
     "ABLATIONS",
     "BF16_STATE",
+    "COSINE",
     "TASKS",
     "BreastCancerLogRegTask",
     "CharTransformerTask",
@@ -102,6 +104,9 @@ QUICK_MIN_STEPS = 50
 BF16_STATE = "bf16_state"
 # State dtype of each learned-optimizer variant that changes only how the state is stored.
 STATE_DTYPE_VARIANTS: dict[str, torch.dtype] = {BF16_STATE: torch.bfloat16}
+# Variant with the weights under test whose lr multiplier follows torch's CosineAnnealingLR from
+# ``lr`` to 0 over the run (``--cosine``): what an external schedule adds to the learned step.
+COSINE = "cosine"
 
 
 # ============================================================================ tasks
@@ -116,8 +121,9 @@ class OptimizerConfig:
     Attributes:
         kind: ``learned``, ``adam``, ``rmsprop`` or ``sgd``.
         lr: Learning rate (for ``learned``, the multiplier of the learned step).
-        variant: For ``learned``: ``default`` (the weights under test), an ablation name, or
-            ``bf16_state`` (the weights under test with the state in bfloat16).
+        variant: For ``learned``: ``default`` (the weights under test), an ablation name,
+            ``bf16_state`` (the weights under test with the state in bfloat16) or ``cosine`` (the
+            weights under test with a cosine schedule on ``lr``).
     """
 
     kind: str
@@ -246,7 +252,8 @@ def run_one(
     attended point for the learned optimizer with attention) and stored as means over blocks of
     steps (``curve``). Every ``steps / eval_points`` steps, and at the end, the training loss is
     measured at the true parameters on the full training set (``eval_curve``). A run stops early
-    when its loss becomes non-finite.
+    when its loss becomes non-finite. The ``cosine`` variant anneals the learning rate with
+    ``CosineAnnealingLR(T_max=steps)``: step ``t`` (from 0) uses ``lr * (1 + cos(pi * t / steps)) / 2``.
 
     Args:
         task: The problem.
@@ -269,6 +276,7 @@ def run_one(
     params = [p.detach().clone().requires_grad_(True) for p in task.init_params(init_gen)]
     opt = make_optimizer(config, params, lopt, seed)
     learned = isinstance(opt, HierarchicalRNNOptimizer)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if config.variant == COSINE else None
 
     def at_true_params(fn: Callable[[], Any]) -> Any:
         # With attention the model holds the look-ahead point while training.
@@ -303,6 +311,8 @@ def run_one(
             for p, g in zip(params, grads):
                 p.grad = g
             opt.step()
+            if scheduler is not None:
+                scheduler.step()
             value = float(loss.detach())
             train_seconds += time.perf_counter() - t0
             done = t + 1
@@ -633,7 +643,7 @@ ABLATIONS: dict[str, Ablation] = {
     for a in (
         Ablation("no_attention", "attention off", "attention", False),
         Ablation("one_timescale", "one momentum timescale instead of four", "num_timescales", 1),
-        Ablation("param_rnn_only", "parameter RNN only (no tensor or global RNN)", "param_rnn_only", True),
+        Ablation("param_rnn_only", "parameter RNN only (no tensor or global RNN)", "hierarchy", False),
     )
 }
 
@@ -702,7 +712,11 @@ def analyse_task(summaries: dict[str, dict[str, Any]], sweeps: dict[str, Sequenc
     """Comparisons of one task: learned vs Adam 1e-3 vs the tuned baselines, steps to reach, divergence.
 
     With the ``bf16_state`` variant present, also its final loss relative to the float32-state
-    learned optimizer (``ratio_bf16_state_to_learned``).
+    learned optimizer (``ratio_bf16_state_to_learned``). With the ``cosine`` variant present, its
+    final loss relative to the constant-lr learned optimizer (``ratio_cosine_to_learned``), to Adam
+    1e-3 and to the best tuned baseline (``ratio_cosine_to_adam_default``,
+    ``ratio_cosine_to_best_tuned``, and the ``cosine_beats_*`` flags). The variants never change
+    the default learned optimizer's entries, which alone feed :func:`bar_summary`.
     """
     learned = summaries.get(OptimizerConfig("learned", 1.0).key)
     adam = summaries.get(OptimizerConfig("adam", ADAM_DEFAULT_LR).key)
@@ -730,6 +744,16 @@ def analyse_task(summaries: dict[str, dict[str, Any]], sweeps: dict[str, Sequenc
         result["ratio_bf16_state_to_learned"] = _ratio(
             bf16["final_loss"]["mean"], learned["final_loss"]["mean"] if learned else None
         )
+    cosine = summaries.get(OptimizerConfig("learned", 1.0, COSINE).key)
+    if cosine:
+        cm = cosine["final_loss"]["mean"]
+        result["cosine"] = cosine["optimizer"]
+        result["ratio_cosine_to_learned"] = _ratio(cm, learned["final_loss"]["mean"] if learned else None)
+        result["ratio_cosine_to_adam_default"] = _ratio(cm, adam["final_loss"]["mean"] if adam else None)
+        result["ratio_cosine_to_best_tuned"] = _ratio(cm, best["final_loss"]["mean"] if best else None)
+        result["cosine_beats_adam_default"] = bool(adam and cm < adam["final_loss"]["mean"])
+        result["cosine_beats_best_tuned"] = bool(best and cm < best["final_loss"]["mean"])
+        result["cosine_diverged_seeds"] = cosine["diverged_seeds"]
     diverged = {k: s["diverged_seeds"] for k, s in summaries.items() if s["diverged_seeds"]}
     result["diverged"] = diverged
     return result
@@ -790,6 +814,7 @@ def plan_jobs(
     weights: str,
     ablation_plan: Optional[dict[str, dict[str, Any]]] = None,
     bf16_state: bool = False,
+    cosine: bool = False,
     min_steps: int = 1,
     eval_points: int = 50,
     task_overrides: Optional[dict[str, dict[str, Any]]] = None,
@@ -805,6 +830,8 @@ def plan_jobs(
                 configs.append((OptimizerConfig("learned", 1.0, name), p["weights"]))
         if bf16_state:  # the weights under test, only the state dtype differs
             configs.append((OptimizerConfig("learned", 1.0, BF16_STATE), weights))
+        if cosine:  # the weights under test, only the lr multiplier's schedule differs
+            configs.append((OptimizerConfig("learned", 1.0, COSINE), weights))
         keys = set()
         for kind in BASELINE_KINDS:
             for lr in sweeps[kind]:
@@ -828,6 +855,7 @@ def run_benchmark(
     ablation: bool = False,
     ablation_weights: Optional[dict[str, str]] = None,
     bf16_state: bool = False,
+    cosine: bool = False,
     threads: int = 1,
     workers: int = 1,
     use_cache: bool = True,
@@ -849,6 +877,8 @@ def run_benchmark(
         ablation: Also run the ablation variants that have weights.
         ablation_weights: Ablation name to weights path.
         bf16_state: Also run the learned optimizer with its state in bfloat16 (variant ``bf16_state``).
+        cosine: Also run the learned optimizer with a cosine schedule on its lr multiplier, 1 to 0
+            over the run (variant ``cosine``).
         threads: torch threads per run.
         workers: Runs in parallel processes.
         use_cache: Reuse finished runs from ``out/runs``.
@@ -870,7 +900,7 @@ def run_benchmark(
     lopt, w = load_lopt(weights)
     plan = plan_ablations(ablation_weights or {}, w.config) if ablation else None
     jobs = plan_jobs(
-        task_keys, seeds, scale, sweeps, weights, plan, bf16_state=bf16_state,
+        task_keys, seeds, scale, sweeps, weights, plan, bf16_state=bf16_state, cosine=cosine,
         min_steps=QUICK_MIN_STEPS if quick else 1, eval_points=eval_points, task_overrides=task_overrides,
     )  # fmt: skip
     t_runs = time.perf_counter()
@@ -930,6 +960,8 @@ def run_benchmark(
             "optimizer": OptimizerConfig("learned", 1.0, BF16_STATE).key,
             "state_dtype": str(STATE_DTYPE_VARIANTS[BF16_STATE]).removeprefix("torch."),
         }
+    if cosine:
+        results["cosine"] = {"variant": COSINE, "optimizer": OptimizerConfig("learned", 1.0, COSINE).key}
     results["meta"]["wall_seconds"] = time.perf_counter() - t0
     md = render_markdown(results)
     (out / "results.md").write_text(md)
@@ -968,6 +1000,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also run the learned optimizer with its state in bfloat16 (same weights and seeds) and compare",
     )
+    p.add_argument(
+        "--cosine",
+        action="store_true",
+        help="also run the learned optimizer with a cosine schedule on its lr multiplier (1 -> 0 over the run), "
+        "same weights and seeds",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1: the models are small)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel worker processes (default 1)")
     p.add_argument("--no-cache", action="store_true", help="rerun every run instead of reusing OUT/runs")
@@ -994,7 +1032,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results = run_benchmark(
             keys, Path(args.out), seeds=seeds, steps_scale=args.steps_scale, quick=args.quick, weights=args.weights,
             ablation=args.ablation, ablation_weights=ablation_weights, bf16_state=args.bf16_state,
-            threads=args.threads, workers=args.jobs,
+            cosine=args.cosine, threads=args.threads, workers=args.jobs,
             use_cache=not args.no_cache, show_progress=not args.no_progress, command=command,
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as err:

@@ -249,6 +249,8 @@ def render_markdown(results: dict[str, Any]) -> str:
             "- state dtype read from the optimizer's buffers after each run: fp32 runs "
             f"{', '.join(sorted(held['default'])) or '-'}; bf16 runs {', '.join(sorted(held[bf16_variant])) or '-'}",
         ]
+    if results.get("cosine"):
+        lines += _cosine_section(results)
     lines += ["", "## Loss curves", ""]
     for key, t in results["tasks"].items():
         if t.get("figure"):
@@ -259,6 +261,47 @@ def render_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cosine_section(results: dict[str, Any]) -> list[str]:
+    """The ``--cosine`` table: the learned optimizer with a cosine schedule on its lr multiplier."""
+    lines = [
+        "",
+        "## Learned + cosine lr schedule (final training loss)",
+        "",
+        "The learned optimizer with the same weights, seeds and tasks, its lr multiplier annealed by torch's "
+        "`CosineAnnealingLR` from 1 to 0 over the run. The ratios are of mean final losses: cosine / constant "
+        "below 1 means the external schedule helps. The bar in the summary above counts only the constant "
+        "lr=1 row; this variant does not change it.",
+        "",
+        "| task | learned (lr=1) | learned + cosine | Adam 1e-3 | best tuned | cosine / constant "
+        "| cosine / Adam 1e-3 | cosine diverged |",
+        "|---|---|---|---|---|---:|---:|---|",
+    ]
+    rows = beats_adam = beats_best = 0
+    for key, t in results["tasks"].items():
+        s, a = t["summaries"], t["analysis"]
+        get = functools.partial(_lookup, s)
+        cosine, best = get(a.get("cosine")), get(a["tuned"].get("best"))
+        best_txt = f"{_fmt_loss(best)} ({KIND_LABELS[best['kind']]} {best['lr']:.3g})" if best else "-"
+        cosine_div = "-"
+        if cosine:
+            rows += 1
+            beats_adam += bool(a.get("cosine_beats_adam_default"))
+            beats_best += bool(a.get("cosine_beats_best_tuned"))
+            n_bad = len(cosine["diverged_seeds"])
+            cosine_div = f"yes ({n_bad}/{len(cosine['seeds'])})" if n_bad else "no"
+        lines.append(
+            f"| {key} {t['name']} | {_fmt_loss(get(a['learned']))} | {_fmt_loss(cosine)} | "
+            f"{_fmt_loss(get(a['adam_default']))} | {best_txt} | {_fmt(a.get('ratio_cosine_to_learned'))} | "
+            f"{_fmt(a.get('ratio_cosine_to_adam_default'))} | {cosine_div} |"
+        )
+    lines += [
+        "",
+        f"learned + cosine: lower final loss than Adam 1e-3 on {beats_adam}/{rows} tasks, "
+        f"than the best tuned on {beats_best}/{rows}.",
+    ]
+    return lines
+
+
 _STYLE = {
     "learned": dict(color="black", lw=2.2),
     "adam_default": dict(color="tab:blue", ls="--", lw=1.6),
@@ -267,7 +310,11 @@ _STYLE = {
     "sgd": dict(color="tab:green", lw=1.2, alpha=0.8),
     # Unlike the ablations (grey) this variant should overlay the learned curve; red shows where it does not.
     "bf16_state": dict(color="tab:red", lw=1.4, ls=":"),
+    # Its own colour, not the ablations' grey: it is read against the black constant-lr curve.
+    "cosine": dict(color="tab:purple", lw=1.6, ls="-."),
 }
+
+_VARIANT_LABELS = {"cosine": "learned + cosine lr (1 -> 0)"}
 
 
 def plot_task(task_result: dict[str, Any], path: Path) -> Path:
@@ -284,7 +331,7 @@ def plot_task(task_result: dict[str, Any], path: Path) -> Path:
     for summ in s.values():
         if summ["kind"] == "learned" and summ["variant"] != "default":
             style = _STYLE.get(summ["variant"], dict(color="grey", lw=1.4, ls=":"))
-            lines.append((f"learned: {summ['variant']}", summ, style))
+            lines.append((_VARIANT_LABELS.get(summ["variant"], f"learned: {summ['variant']}"), summ, style))
     if a["adam_default"]:
         lines.append(("Adam 1e-3 (default)", s[a["adam_default"]], _STYLE["adam_default"]))
     for kind in _BASELINE_ORDER:
