@@ -339,22 +339,53 @@ def test_cli_cosine_flag_reaches_the_benchmark(tmp_path: Path, monkeypatch: pyte
     assert calls[0]["cosine"] is True
 
 
-def test_bar_summary_counts_tasks_and_groups() -> None:
-    def analysis(adam: bool, best: bool, diverged: tuple[int, ...] = ()) -> dict[str, Any]:
+def test_bar_summary_counts_tasks_groups_stalls_and_the_deep_mlp() -> None:
+    def analysis(adam: bool, best: bool, diverged: tuple[int, ...] = (), stalled: tuple[int, ...] = (),
+                 ratio: float = 0.9) -> dict[str, Any]:
         return {
             "learned": "learned@1",
             "beats_adam_default": adam,
             "beats_best_tuned": best,
             "learned_diverged_seeds": list(diverged),
+            "learned_stalled_seeds": list(stalled),
+            "ratio_to_adam_default": ratio,
         }
 
     wins = {k: analysis(True, k in ("a", "c")) for k in q.TASKS}
+    wins["e"] = analysis(True, False, ratio=0.4)
     wins["b2"] = analysis(False, False)  # b' lost: group b is not won although row b is
     bar = q.bar_summary(wins, list(q.TASKS))
     assert len(bar["beats_adam_default"]) == 6 and bar["groups_beating_adam_default"] == ["a", "c", "d", "e", "f"]
     assert bar["groups_beating_best_tuned"] == ["a", "c"]
+    assert bar["deep_mlp_ratio_to_adam_default"] == 0.4
     assert bar["bar_met"] is True
-    wins["e"] = analysis(True, False, diverged=(2,))
-    assert q.bar_summary(wins, list(q.TASKS))["bar_met"] is False
+    for broken in (
+        {"e": analysis(True, False, ratio=0.6)},  # deep MLP above 0.5x Adam
+        {"e": analysis(True, False, diverged=(2,), ratio=0.4)},
+        {"d": analysis(True, False, stalled=(0,))},
+        {"f": analysis(False, False)},  # 5 of 7 against Adam
+        {"c": analysis(True, False)},  # one group against the best tuned
+    ):
+        assert q.bar_summary({**wins, **broken}, list(q.TASKS))["bar_met"] is False, broken
     assert q.bar_summary(wins, list(q.TASKS), full=False)["bar_met"] is None
     assert q.bar_summary(wins, ["a", "b"])["bar_met"] is None
+
+
+def test_a_learned_run_that_stops_learning_is_marked_stalled() -> None:
+    """Stall: final loss above half the loss at 10% of the run and above twice Adam 1e-3's final loss."""
+    def run(optimizer: str, seed: int, curve: list[float], final: float) -> dict[str, Any]:
+        kind, lr = optimizer.split("@")
+        return {"optimizer": optimizer, "kind": kind, "lr": float(lr), "variant": "default", "seed": seed,
+                "steps": 100, "eval_steps": [0, 10, 50, 100], "eval_curve": curve + [final], "curve_steps": [100],
+                "curve": [final], "final_loss": final, "initial_loss": curve[0], "nonfinite": False,
+                "diverged": False, "test_accuracy": None, "seconds": 1.0, "train_seconds": 1.0,
+                "seconds_per_step": 0.01}
+
+    adam = q.summarize([run("adam@0.001", s, [10.0, 5.0, 2.0], 1.0) for s in range(2)])
+    # Seed 0 stalls: 3.0 > 0.5 * 4.0 (its loss at step 10) and 3.0 > 2 * 1.0. Seed 1 kept learning (1.5 < 2.0).
+    learned = q.summarize([run("learned@1", 0, [10.0, 4.0, 3.2], 3.0), run("learned@1", 1, [10.0, 4.0, 2.5], 1.5)])
+    a = q.analyse_task({adam["optimizer"]: adam, learned["optimizer"]: learned}, {"adam": [1e-3]})
+    assert a["learned_stalled_seeds"] == [0]
+    # Far from Adam's final loss but still learning is no stall: 2.5 < 0.5 * 6.0.
+    slow = q.summarize([run("learned@1", 0, [10.0, 6.0, 4.0], 2.5)])
+    assert q.analyse_task({adam["optimizer"]: adam, slow["optimizer"]: slow}, {"adam": [1e-3]})["learned_stalled_seeds"] == []

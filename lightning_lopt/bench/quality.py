@@ -54,6 +54,7 @@ from lightning_lopt.bench.report import KIND_LABELS, at_sweep_edge, plot_task, r
 from lightning_lopt.hrnn import WEIGHTS_DIR, HierarchicalRNN
 from lightning_lopt.optimizer import HierarchicalRNNOptimizer, load_weights
 from lightning_lopt.tasks.base import Task, make_generator
+from lightning_lopt.verdict import validation_verdict
 from lightning_lopt.tasks.benchmark import (
     TASKS,
     BreastCancerLogRegTask,
@@ -98,6 +99,10 @@ SWEEPS: dict[str, tuple[float, ...]] = {
 QUICK_SWEEP_INDICES = (0, 2, 4, 6)
 ADAM_DEFAULT_LR = 1e-3
 QUICK_STEPS_SCALE = 0.2
+# The bar the default weights are judged by (see bar_summary).
+BAR_TASKS_VS_ADAM = 6
+BAR_GROUPS_VS_BEST = 2
+BAR_DEEP_MLP_RATIO = 0.5
 QUICK_MIN_STEPS = 50
 # Variant of the learned optimizer with the weights under test but its state kept in bfloat16
 # (``--bf16-state``); it rides on the ablation variants' machinery (OptimizerConfig.variant).
@@ -539,6 +544,15 @@ def _mean_curve(runs: Sequence[dict[str, Any]], steps_key: str, values_key: str)
     return grid, [float(v) for v in mean]
 
 
+def _loss_at_fraction(run: dict[str, Any], fraction: float) -> float:
+    """The run's full training loss at the first evaluation at or after ``fraction`` of its steps."""
+    target = fraction * run["steps"]
+    for step, loss in zip(run["eval_steps"], run["eval_curve"]):
+        if step >= target:
+            return loss
+    return run["eval_curve"][-1]
+
+
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Statistics over the seeds of one (task, optimizer setting).
 
@@ -560,6 +574,9 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "initial_loss": _stats([r["initial_loss"] for r in runs]),
         "test_accuracy": _stats(accuracies) if accuracies else None,
         "diverged_seeds": [r["seed"] for r in runs if r["diverged"]],
+        # Per seed, for the stall verdict: the full training loss at 10% of the run, and at its end.
+        "early_losses": [_loss_at_fraction(r, 0.1) for r in runs],
+        "final_losses": [math.inf if r["nonfinite"] else r["final_loss"] for r in runs],
         "seconds": float(np.mean([r["seconds"] for r in runs])),
         "train_seconds": float(np.mean([r["train_seconds"] for r in runs])),
         "seconds_per_step": float(np.mean([r["seconds_per_step"] for r in runs])),
@@ -738,6 +755,13 @@ def analyse_task(summaries: dict[str, dict[str, Any]], sweeps: dict[str, Sequenc
         result["steps_to_best_tuned"] = steps_to_reach(learned["eval_steps"], learned["eval_mean"], target)
         result["eval_interval"] = learned["eval_steps"][1] if len(learned["eval_steps"]) > 1 else None
         result["learned_diverged_seeds"] = learned["diverged_seeds"]
+        if adam:
+            adam_final = adam["final_loss"]["mean"]
+            result["learned_stalled_seeds"] = [
+                seed
+                for seed, early, final in zip(learned["seeds"], learned["early_losses"], learned["final_losses"])
+                if validation_verdict(final, early, adam_final) == "stalled"
+            ]
     bf16 = summaries.get(OptimizerConfig("learned", 1.0, BF16_STATE).key)
     if bf16:
         result["bf16_state"] = bf16["optimizer"]
@@ -760,22 +784,35 @@ def analyse_task(summaries: dict[str, dict[str, Any]], sweeps: dict[str, Sequenc
 
 
 def bar_summary(analyses: dict[str, dict[str, Any]], task_keys: Sequence[str], full: bool = True) -> dict[str, Any]:
-    """Counts for the issue's bar: tasks where the learned optimizer wins, and divergences.
+    """Counts for the bar of the default weights: tasks and groups won, divergences, stalls.
 
-    Counts are per task row and per lettered group (``b`` and ``b2`` form group ``b``, which
-    counts as won only when both rows are won). The bar is judged only on a full benchmark
-    (``full``: not ``--quick``, with every task).
+    The bar: lower final loss than Adam 1e-3 on at least :data:`BAR_TASKS_VS_ADAM` of the 7 tasks,
+    than the best tuned baseline on at least :data:`BAR_GROUPS_VS_BEST` task groups (``b`` and
+    ``b2`` form group ``b``, won only when both rows are won), no learned run diverges or stalls
+    (:func:`~lightning_lopt.verdict.validation_verdict` against Adam 1e-3's mean final loss), and
+    on the 5,000-step deep MLP (``e``) a final loss at most :data:`BAR_DEEP_MLP_RATIO` x Adam
+    1e-3's. It is judged only on a full benchmark (``full``: not ``--quick``, with every task).
     """
     rows = [k for k in task_keys if analyses.get(k, {}).get("learned")]
     beats_adam = [k for k in rows if analyses[k].get("beats_adam_default")]
     beats_best = [k for k in rows if analyses[k].get("beats_best_tuned")]
     diverged = {k: analyses[k]["learned_diverged_seeds"] for k in rows if analyses[k].get("learned_diverged_seeds")}
+    stalled = {k: analyses[k]["learned_stalled_seeds"] for k in rows if analyses[k].get("learned_stalled_seeds")}
     groups: dict[str, list[str]] = {}
     for k in rows:
         groups.setdefault(TASKS[k].group, []).append(k)
     g_adam = [g for g, ks in groups.items() if all(k in beats_adam for k in ks)]
     g_best = [g for g, ks in groups.items() if all(k in beats_best for k in ks)]
+    deep = analyses.get("e", {}).get("ratio_to_adam_default") if "e" in rows else None
     complete = full and all(k in rows for k in TASKS)
+    met = (
+        len(beats_adam) >= BAR_TASKS_VS_ADAM
+        and len(g_best) >= BAR_GROUPS_VS_BEST
+        and not diverged
+        and not stalled
+        and deep is not None
+        and deep <= BAR_DEEP_MLP_RATIO
+    )
     return {
         "rows": rows,
         "beats_adam_default": beats_adam,
@@ -784,8 +821,10 @@ def bar_summary(analyses: dict[str, dict[str, Any]], task_keys: Sequence[str], f
         "groups_beating_adam_default": sorted(g_adam),
         "groups_beating_best_tuned": sorted(g_best),
         "learned_diverged": diverged,
+        "learned_stalled": stalled,
+        "deep_mlp_ratio_to_adam_default": deep,
         "bar_applicable": complete,
-        "bar_met": bool(len(g_adam) >= 5 and len(g_best) >= 2 and not diverged) if complete else None,
+        "bar_met": bool(met) if complete else None,
     }
 
 

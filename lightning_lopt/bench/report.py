@@ -183,10 +183,15 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         f"By task group (b and b' count as one, won only if both are won): beats Adam 1e-3 on "
         f"{len(bar['groups_beating_adam_default'])}/{len(bar['groups'])} groups, the best tuned baseline on "
-        f"{len(bar['groups_beating_best_tuned'])}/{len(bar['groups'])}. Bar (at least 5 of 6 vs Adam 1e-3, 2 of 6 vs "
-        "the best tuned, no learned run diverges): "
-        + verdict
+        f"{len(bar['groups_beating_best_tuned'])}/{len(bar['groups'])}. Stalled learned runs (final loss above half "
+        "the loss at 10% of the run and above twice Adam 1e-3's): "
+        + (", ".join(f"{k} seeds {v}" for k, v in bar.get("learned_stalled", {}).items()) or "none")
+        + ". Deep MLP (e), learned / Adam 1e-3: "
+        + _fmt(bar.get("deep_mlp_ratio_to_adam_default"))
         + ".",
+        "",
+        "Bar (lower than Adam 1e-3 on at least 6 of 7 tasks, than the best tuned on at least 2 groups, no learned "
+        "run diverges or stalls, deep MLP at most 0.5x Adam 1e-3): " + verdict + ".",
     ]
     ablation = results.get("ablation")
     if ablation:

@@ -26,6 +26,7 @@ from lightning_lopt.meta.pes import (
     unroll_particles,
 )
 from lightning_lopt.tasks import Task, TaskDistribution
+from lightning_lopt.verdict import validation_verdict
 
 __all__ = ["MetaTrainingModule", "TaskSlot", "run_inner", "meta_objective_terms", "validation_verdict"]
 
@@ -194,24 +195,6 @@ def run_inner(
 
 DISQUALIFIED_PENALTY = 100.0
 """Added to ``val/selection_score`` for each validation task the rule stalls or diverges on."""
-
-
-def validation_verdict(final: float, early: float, adam_final: float) -> Optional[str]:
-    """``"diverged"``, ``"stalled"`` or None for one validation task.
-
-    A run stalls when its final loss is above half its loss at 10% of the horizon while still more
-    than twice what Adam at 1e-3 reaches: it stopped learning where there was much left to learn.
-
-    Args:
-        final: Mean loss over the last 10% of the run.
-        early: Mean loss around 10% of the run.
-        adam_final: Adam's final loss on the same task.
-    """
-    if not math.isfinite(final):
-        return "diverged"
-    if final > 0.5 * early and final > 2.0 * adam_final:
-        return "stalled"
-    return None
 
 
 def _mark_nonfinite(slots: Sequence[TaskSlot], grad: Tensor) -> None:
