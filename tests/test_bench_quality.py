@@ -389,3 +389,25 @@ def test_a_learned_run_that_stops_learning_is_marked_stalled() -> None:
     # Far from Adam's final loss but still learning is no stall: 2.5 < 0.5 * 6.0.
     slow = q.summarize([run("learned@1", 0, [10.0, 6.0, 4.0], 2.5)])
     assert q.analyse_task({adam["optimizer"]: adam, slow["optimizer"]: slow}, {"adam": [1e-3]})["learned_stalled_seeds"] == []
+
+
+def test_a_progress_input_optimizer_is_told_the_run_length() -> None:
+    """Weights meta-trained with the progress input see step / steps in the benchmark, as under TrainingProgress."""
+    lopt = HierarchicalRNN(progress_input=True, seed=3)
+    task = q.build_task("f", **TINY["f"])
+    r = q.run_one(task, q.OptimizerConfig("learned", 1.0), seed=0, steps=6, lopt=lopt, eval_points=1)
+
+    def replay(total_steps):
+        params = [p.detach().clone().requires_grad_(True) for p in task.init_params(q.make_generator(1_000_003))]
+        opt = q.make_optimizer(q.OptimizerConfig("learned", 1.0), params, lopt, seed=0, total_steps=total_steps)
+        gen, noise = q.make_generator(2_000_003), q.make_generator(3_000_017)
+        for _ in range(6):
+            loss = task.loss(params, task.sample_batch(gen))
+            for p, g in zip(params, task.transform_grads(torch.autograd.grad(loss, params), noise)):
+                p.grad = g
+            opt.step()
+        opt.eval()
+        return float(task.loss(params, None))
+
+    assert r["final_loss"] == pytest.approx(replay(6), rel=1e-6)
+    assert r["final_loss"] != pytest.approx(replay(None), rel=1e-6)

@@ -150,14 +150,22 @@ class OptimizerConfig:
 
 
 def make_optimizer(
-    config: OptimizerConfig, params: list[Tensor], lopt: Optional[HierarchicalRNN], seed: int
+    config: OptimizerConfig,
+    params: list[Tensor],
+    lopt: Optional[HierarchicalRNN],
+    seed: int,
+    total_steps: Optional[int] = None,
 ) -> torch.optim.Optimizer:
-    """The torch optimizer of ``config`` over ``params``."""
+    """The torch optimizer of ``config`` over ``params``; the learned one is told the horizon
+    ``total_steps`` (read only by weights meta-trained with ``progress_input``), as the
+    ``TrainingProgress`` callback would in a Lightning run."""
     if config.kind == "learned":
         if lopt is None:
             raise ValueError("The learned optimizer needs weights.")
         state_dtype = STATE_DTYPE_VARIANTS.get(config.variant)  # None: the optimizer's float32 default
-        return HierarchicalRNNOptimizer(params, weights=lopt, lr=config.lr, seed=seed, state_dtype=state_dtype)
+        return HierarchicalRNNOptimizer(
+            params, weights=lopt, lr=config.lr, seed=seed, state_dtype=state_dtype, total_steps=total_steps
+        )
     if config.kind == "adam":
         return torch.optim.Adam(params, lr=config.lr)
     if config.kind == "rmsprop":
@@ -279,7 +287,7 @@ def run_one(
     batch_gen = make_generator(2_000_003 * (seed + 1))
     noise_gen = make_generator(3_000_017 * (seed + 1))
     params = [p.detach().clone().requires_grad_(True) for p in task.init_params(init_gen)]
-    opt = make_optimizer(config, params, lopt, seed)
+    opt = make_optimizer(config, params, lopt, seed, total_steps=steps)
     learned = isinstance(opt, HierarchicalRNNOptimizer)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if config.variant == COSINE else None
 
