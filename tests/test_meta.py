@@ -383,3 +383,24 @@ def test_a_rule_that_stops_stepping_is_disqualified_in_validation():
     frozen = module.learned_losses(seeds, [150, 150])
     assert [validation_verdict(f, e, a) for (f, e), a in zip(frozen, adam)] == ["stalled", "stalled"]
     assert all(f < e for f, e in working)
+
+
+def test_export_records_the_validation_scores_in_the_card(tmp_path):
+    """``validate=True`` writes each validation task's log ratio to Adam and verdict, as meta.select scores them."""
+    import json
+
+    from lightning_lopt.meta.export import export_checkpoint
+    from lightning_lopt.meta.select import score_checkpoints, validation_tasks
+
+    module = _small_module()
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, TaskDataModule(tasks_per_step=3))
+    ckpt = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(ckpt)
+    out = export_checkpoint(ckpt, tmp_path / "w.safetensors", validate=True, num_validation_tasks=1)
+    card = json.loads(out.with_suffix(".json").read_text())["validation"]
+    _, score, ratios, verdicts = score_checkpoints([str(ckpt)], 1)[0]
+    (seed, steps), = validation_tasks(1)
+    assert card["selection_score"] == score
+    assert card["tasks"] == [{"seed": seed, "steps": steps, "log_ratio_vs_adam": ratios[0], "verdict": verdicts[0]}]

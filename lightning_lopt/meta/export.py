@@ -19,7 +19,13 @@ from lightning_lopt.hrnn import HierarchicalRNN
 __all__ = ["export_checkpoint", "main"]
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path, card: Optional[dict[str, Any]] = None) -> Path:
+def export_checkpoint(
+    ckpt: str | Path,
+    out: str | Path,
+    card: Optional[dict[str, Any]] = None,
+    validate: bool = False,
+    num_validation_tasks: int = 6,
+) -> Path:
     """Write the meta-parameters of a :class:`~lightning_lopt.meta.MetaTrainingModule` checkpoint.
 
     Args:
@@ -27,6 +33,10 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, card: Optional[dict[str
         out: Target ``.safetensors`` path (a ``.json`` card is written beside it).
         card: Extra card entries; the checkpoint's meta-step, hyper-parameters and its logged
             validation score are added.
+        validate: Also score the weights on the validation tasks of
+            :func:`~lightning_lopt.meta.select.score_checkpoints` and record every task's log ratio
+            to Adam 1e-3 and verdict in the card (``validation``).
+        num_validation_tasks: How many validation tasks ``validate`` scores.
 
     Returns:
         The safetensors path.
@@ -45,6 +55,18 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, card: Optional[dict[str
                 "monitor": cb_state.get("monitor"),
                 "score": float(cb_state["current_score"]),
             }
+    if validate:
+        from lightning_lopt.meta.select import score_checkpoints, validation_tasks
+
+        _, score, ratios, verdicts = score_checkpoints([str(ckpt)], num_validation_tasks)[0]
+        info["validation"] = {
+            "selection_score": score,
+            "tasks": [
+                {"seed": seed, "steps": steps, "log_ratio_vs_adam": r, "verdict": v}
+                for (seed, steps), r, v in zip(validation_tasks(num_validation_tasks), ratios, verdicts)
+            ],
+            "command": "python -m lightning_lopt.meta.select",
+        }
     return lopt.save_pretrained(out, card={**info, **(card or {})})
 
 
@@ -54,9 +76,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("checkpoint", help="MetaTrainingModule .ckpt")
     parser.add_argument("output", help="target .safetensors file")
     parser.add_argument("--card", default=None, help="JSON file with extra card entries")
+    parser.add_argument(
+        "--validate", action="store_true",
+        help="score the weights on the validation tasks (as python -m lightning_lopt.meta.select) into the card",
+    )
     args = parser.parse_args(argv)
     card = json.loads(Path(args.card).read_text()) if args.card else None
-    path = export_checkpoint(args.checkpoint, args.output, card)
+    path = export_checkpoint(args.checkpoint, args.output, card, validate=args.validate)
     print(f"wrote {path} and {path.with_suffix('.json')}")
 
 

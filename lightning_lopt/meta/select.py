@@ -17,7 +17,15 @@ from lightning_lopt.hrnn import HierarchicalRNN
 from lightning_lopt.meta.data import TaskDataModule
 from lightning_lopt.meta.module import DISQUALIFIED_PENALTY, MetaTrainingModule, validation_verdict
 
-__all__ = ["score_checkpoints", "main"]
+__all__ = ["score_checkpoints", "validation_tasks", "main"]
+
+
+def validation_tasks(
+    num_tasks: int = 6, lengths: Sequence[int] = (200, 1000, 3000), validation_seed: int = 0
+) -> list[tuple[int, int]]:
+    """``(seed, steps)`` of each validation task: seeds the training distribution never draws."""
+    seeds = TaskDataModule(num_validation_tasks=num_tasks, validation_seed=validation_seed).validation_seeds()
+    return [(s, lengths[i % len(lengths)]) for i, s in enumerate(seeds)]
 
 
 def score_checkpoints(
@@ -30,8 +38,7 @@ def score_checkpoints(
         to Adam's, lower is better, plus a penalty for each task the rule stalls or diverges on),
         the per-task ratios, and each task's verdict (``"stalled"``, ``"diverged"`` or None).
     """
-    seeds = TaskDataModule(num_validation_tasks=num_tasks, validation_seed=validation_seed).validation_seeds()
-    task_lengths = [lengths[i % len(lengths)] for i in range(len(seeds))]
+    seeds, task_lengths = map(list, zip(*validation_tasks(num_tasks, lengths, validation_seed)))
     module = MetaTrainingModule(validation_lengths=lengths)
     adam = [module._adam_final_loss(s, n) for s, n in zip(seeds, task_lengths)]
     results = []
