@@ -69,9 +69,7 @@ def _strings(x: Any) -> Iterator[str]:
             yield from _strings(v)
 
 
-@pytest.mark.parametrize("path", META_CHECKPOINTS, ids=lambda p: p.name)
-def test_shipped_meta_checkpoints_resume_anywhere(path: Path, tmp_path: Path) -> None:
-    """No path of the machine that wrote them, so resuming elsewhere restores the top-k state silently."""
+def _assert_portable(path: Path, tmp_path: Path) -> None:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     assert not [s for s in _strings(ckpt) if os.path.isabs(s)]
     states = [v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint")]
@@ -82,3 +80,35 @@ def test_shipped_meta_checkpoints_resume_anywhere(path: Path, tmp_path: Path) ->
             warnings.simplefilter("error")  # Lightning warns "The dirpath has changed" otherwise
             callback.load_state_dict(state)
         assert callback.best_k_models == state["best_k_models"]
+
+
+@pytest.mark.parametrize("path", META_CHECKPOINTS, ids=lambda p: p.name)
+def test_shipped_meta_checkpoints_resume_anywhere(path: Path, tmp_path: Path) -> None:
+    """No path of the machine that wrote them, so resuming elsewhere restores the top-k state silently."""
+    _assert_portable(path, tmp_path)
+
+
+def test_make_portable_rewrites_a_fresh_checkpoint(tmp_path: Path) -> None:
+    """A checkpoint Lightning just wrote holds absolute paths; its portable copy holds relative ones and
+    the same meta-parameters."""
+    import lightning.pytorch as pl
+
+    from lightning_lopt.meta import MetaTrainingModule, TaskDataModule
+    from lightning_lopt.meta.portable import make_portable
+    from tests.test_meta import QuadDistribution
+
+    run = tmp_path / "run"
+    module = MetaTrainingModule(tasks=QuadDistribution(), tasks_per_step=2, truncation_length=3,
+                                unroll_length_mean=6, unroll_length_min=3, num_unrolls_mean=1)
+    callbacks = [ModelCheckpoint(dirpath=run / "checkpoints", save_last=True, every_n_train_steps=1),
+                 ModelCheckpoint(dirpath=run / "checkpoints", monitor="meta/loss", filename="best-{step}")]
+    pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+               limit_val_batches=0, callbacks=callbacks).fit(module, TaskDataModule(tasks_per_step=2))
+    written = run / "checkpoints" / "last.ckpt"
+    assert any(os.path.isabs(s) for s in _strings(torch.load(written, weights_only=True)["callbacks"]))
+    out = make_portable(written, tmp_path / "portable.ckpt", root=tmp_path)
+    _assert_portable(out, tmp_path)
+    ckpt = torch.load(out, weights_only=True)
+    assert "run/checkpoints/last.ckpt" in list(_strings(ckpt["callbacks"]))
+    for k, v in torch.load(written, weights_only=True)["state_dict"].items():
+        assert torch.equal(v, ckpt["state_dict"][k])
