@@ -329,3 +329,21 @@ def test_heldout_tasks_shapes_and_evaluation() -> None:
     state = np.random.get_state()[1].copy()
     MNIST1DMLPTask(num_samples=300)  # a fresh (uncached) generation
     assert np.array_equal(state, np.random.get_state()[1])
+
+
+def test_deep_relu_mlp_is_a_relu_network_and_opt_in():
+    """The deep ReLU family computes ReLU layers (checked by hand) and leaves the default stream alone."""
+    from lightning_lopt.tasks import DeepReLUMLPTask, MLPTask
+
+    task = DeepReLUMLPTask(input_dim=5, hidden_sizes=(7, 6, 4), num_classes=3, num_samples=64, batch_size=8, seed=2)
+    params = task.init_params(torch.Generator().manual_seed(0))
+    h = task.x
+    for i in range(0, len(params) - 2, 2):
+        h = torch.relu(h @ params[i].T + params[i + 1])
+    logits = h @ params[-2].T + params[-1]
+    torch.testing.assert_close(task.loss(params, None), torch.nn.functional.cross_entropy(logits, task.y))
+    sigmoid = MLPTask(input_dim=5, hidden_sizes=(7, 6, 4), num_classes=3, num_samples=64, batch_size=8, seed=2)
+    assert not torch.allclose(sigmoid.loss(params, None), task.loss(params, None))
+    assert TaskDistribution().family_weights["mlp_deep_relu"] == 0.0
+    assert all(TaskDistribution().sample(s).family != "mlp_deep_relu" for s in range(200))
+    assert TaskDistribution(family_weights={"mlp_deep_relu": 1.0}).sample(3).family == "mlp_deep_relu"

@@ -6,6 +6,7 @@ from lightning_lopt.tasks.functions import FUNCTIONS_2D, Function2DTask
 from lightning_lopt.tasks.heldout import HELDOUT_TASKS, DigitsConvNetTask, HeldOutClassificationTask, MNIST1DMLPTask
 from lightning_lopt.tasks.synthetic import (
     BowlTask,
+    DeepReLUMLPTask,
     LargeQuadraticTask,
     LogisticRegressionTask,
     MatMulAlgorithmTask,
@@ -34,6 +35,7 @@ __all__ = [
     "BowlTask",
     "NormTask",
     "LogisticRegressionTask",
+    "DeepReLUMLPTask",
     "MLPTask",
     "MatMulAlgorithmTask",
     "Function2DTask",

@@ -10,6 +10,7 @@ from lightning_lopt.tasks.base import Task
 from lightning_lopt.tasks.functions import FUNCTIONS_2D, Function2DTask
 from lightning_lopt.tasks.synthetic import (
     BowlTask,
+    DeepReLUMLPTask,
     LargeQuadraticTask,
     LogisticRegressionTask,
     MatMulAlgorithmTask,
@@ -29,6 +30,7 @@ DEFAULT_FAMILY_WEIGHTS: dict[str, float] = {
     "bowl": 0.5,
     "logistic_regression": 1.0,
     "mlp": 1.0,
+    "mlp_deep_relu": 0.0,  # opt-in: keeps the default task stream of earlier releases
     "norm": 1.0,
     "matmul": 0.5,
     "sum": 1.0,
@@ -43,6 +45,7 @@ DEFAULT_GRADIENT_NOISE: dict[str, float] = {
     "bowl": 1.0,
     "logistic_regression": 0.1,
     "mlp": 0.05,
+    "mlp_deep_relu": 0.05,
     "norm": 1.0,
     "matmul": 0.5,
     "sum": 0.5,
@@ -225,6 +228,14 @@ class TaskDistribution:
                 num_classes=r.randint(2, 10),
                 num_samples=r.choice((256, 512, 1024)),
                 batch_size=r.choice((16, 32, 64, 128)),
+                seed=self._seed(r),
+            ),
+            "mlp_deep_relu": lambda r: DeepReLUMLPTask(
+                input_dim=r.randint(8, 48),
+                hidden_sizes=tuple(r.randint(16, 48) for _ in range(r.randint(3, 5))),
+                num_classes=r.randint(2, 10),
+                num_samples=r.choice((512, 1024)),
+                batch_size=r.choice((32, 64, 128)),
                 seed=self._seed(r),
             ),
             "norm": lambda r: NormTask(dim=r.randint(*self.norm_dims), p=float(r.choice((1, 2, 3))), seed=self._seed(r)),

@@ -23,6 +23,7 @@ __all__ = [
     "NormTask",
     "LogisticRegressionTask",
     "MLPTask",
+    "DeepReLUMLPTask",
     "MatMulAlgorithmTask",
 ]
 
@@ -256,6 +257,26 @@ class MLPTask(_DataTask):
         """Mean cross-entropy of the MLP's logits."""
         x, y = self._data(batch)
         return F.cross_entropy(self._forward(params, x), y)
+
+
+class DeepReLUMLPTask(MLPTask):
+    """:class:`MLPTask` with ReLU activations, meant for several hidden layers.
+
+    Deep ReLU networks punish a too-large step differently from sigmoid ones: one step can kill
+    units for good and leave the network at chance, which the small sigmoid MLPs never show.
+    """
+
+    family = "mlp_deep_relu"
+
+    @staticmethod
+    def _forward(params: Sequence[Tensor], x: Tensor) -> Tensor:
+        h = x
+        n_layers = len(params) // 2
+        for i in range(n_layers):
+            h = F.linear(h, params[2 * i], params[2 * i + 1])
+            if i < n_layers - 1:
+                h = torch.relu(h)
+        return h
 
 
 class MatMulAlgorithmTask(Task):
