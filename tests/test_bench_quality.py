@@ -72,18 +72,24 @@ def test_seed_changes_init_and_batches_but_is_reproducible() -> None:
     assert a["initial_loss"] != c["initial_loss"]
 
 
-def test_learned_final_loss_is_measured_at_the_true_parameters(untrained: HierarchicalRNN) -> None:
-    task = q.build_task("f", **TINY["f"])
-    r = q.run_one(task, q.OptimizerConfig("learned", 1.0), seed=0, steps=4, lopt=untrained, eval_points=1)
-    # Replay the run and read the loss at theta (eval mode), not at the attended point.
+def _replay_learned(task, lopt, steps, total_steps=None):
+    """Seed 0 of ``run_one`` for the learned optimizer, by hand: its parameters and optimizer after ``steps``."""
     params = [p.detach().clone().requires_grad_(True) for p in task.init_params(q.make_generator(1_000_003))]
-    opt = q.make_optimizer(q.OptimizerConfig("learned", 1.0), params, untrained, seed=0)
+    opt = q.make_optimizer(q.OptimizerConfig("learned", 1.0), params, lopt, seed=0, total_steps=total_steps)
     gen, noise = q.make_generator(2_000_003), q.make_generator(3_000_017)
-    for _ in range(4):
+    for _ in range(steps):
         loss = task.loss(params, task.sample_batch(gen))
         for p, g in zip(params, task.transform_grads(torch.autograd.grad(loss, params), noise)):
             p.grad = g
         opt.step()
+    return params, opt
+
+
+def test_learned_final_loss_is_measured_at_the_true_parameters(untrained: HierarchicalRNN) -> None:
+    task = q.build_task("f", **TINY["f"])
+    r = q.run_one(task, q.OptimizerConfig("learned", 1.0), seed=0, steps=4, lopt=untrained, eval_points=1)
+    # Replay the run and read the loss at theta (eval mode), not at the attended point.
+    params, opt = _replay_learned(task, untrained, steps=4)
     with torch.no_grad():
         at_phi = float(task.loss(params, None))
         opt.eval()
@@ -398,14 +404,7 @@ def test_a_progress_input_optimizer_is_told_the_run_length() -> None:
     r = q.run_one(task, q.OptimizerConfig("learned", 1.0), seed=0, steps=6, lopt=lopt, eval_points=1)
 
     def replay(total_steps):
-        params = [p.detach().clone().requires_grad_(True) for p in task.init_params(q.make_generator(1_000_003))]
-        opt = q.make_optimizer(q.OptimizerConfig("learned", 1.0), params, lopt, seed=0, total_steps=total_steps)
-        gen, noise = q.make_generator(2_000_003), q.make_generator(3_000_017)
-        for _ in range(6):
-            loss = task.loss(params, task.sample_batch(gen))
-            for p, g in zip(params, task.transform_grads(torch.autograd.grad(loss, params), noise)):
-                p.grad = g
-            opt.step()
+        params, opt = _replay_learned(task, lopt, steps=6, total_steps=total_steps)
         opt.eval()
         return float(task.loss(params, None))
 

@@ -238,14 +238,15 @@ class MLPTask(_DataTask):
             params.append(randn((fan_out,), generator, std=bias_std))
         return params
 
-    @staticmethod
-    def _forward(params: Sequence[Tensor], x: Tensor) -> Tensor:
+    _activation = staticmethod(torch.sigmoid)
+
+    def _forward(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
         h = x
         n_layers = len(params) // 2
         for i in range(n_layers):
             h = F.linear(h, params[2 * i], params[2 * i + 1])
             if i < n_layers - 1:
-                h = torch.sigmoid(h)
+                h = self._activation(h)
         return h
 
     def init_params(self, generator: torch.Generator) -> list[Tensor]:
@@ -267,16 +268,7 @@ class DeepReLUMLPTask(MLPTask):
     """
 
     family = "mlp_deep_relu"
-
-    @staticmethod
-    def _forward(params: Sequence[Tensor], x: Tensor) -> Tensor:
-        h = x
-        n_layers = len(params) // 2
-        for i in range(n_layers):
-            h = F.linear(h, params[2 * i], params[2 * i + 1])
-            if i < n_layers - 1:
-                h = torch.relu(h)
-        return h
+    _activation = staticmethod(torch.relu)
 
 
 class MatMulAlgorithmTask(Task):
