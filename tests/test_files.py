@@ -112,3 +112,34 @@ def test_make_portable_rewrites_a_fresh_checkpoint(tmp_path: Path) -> None:
     assert "run/checkpoints/last.ckpt" in list(_strings(ckpt["callbacks"]))
     for k, v in torch.load(written, weights_only=True)["state_dict"].items():
         assert torch.equal(v, ckpt["state_dict"][k])
+
+
+def test_a_copy_without_tasks_in_flight_resumes_the_meta_parameters(tmp_path: Path) -> None:
+    """``drop_tasks`` leaves out the tasks in flight; resuming from it warns, keeps the meta-state and trains on."""
+    import lightning.pytorch as pl
+
+    from lightning_lopt.meta import MetaTrainingModule, TaskDataModule
+    from lightning_lopt.meta.portable import make_portable
+    from tests.test_meta import QuadDistribution
+
+    def module() -> MetaTrainingModule:
+        return MetaTrainingModule(tasks=QuadDistribution(), tasks_per_step=2, truncation_length=3,
+                                  unroll_length_mean=6, unroll_length_min=3, num_unrolls_mean=1)
+
+    def trainer(steps: int, **kw: Any) -> pl.Trainer:
+        return pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path, **kw)
+
+    first = trainer(2, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2)])
+    first.fit(module(), TaskDataModule(tasks_per_step=2))
+    full = tmp_path / "ckpt" / "last.ckpt"
+    slim = make_portable(full, tmp_path / "slim.ckpt", root=tmp_path, drop_tasks=True)
+    saved = torch.load(slim, weights_only=True)
+    assert "meta_ranks" not in saved and "meta_ranks" in torch.load(full, weights_only=True)
+    assert slim.stat().st_size < full.stat().st_size
+
+    resumed = module()
+    with pytest.warns(UserWarning, match="holds no tasks in flight"):
+        trainer(3, enable_checkpointing=False).fit(resumed, TaskDataModule(tasks_per_step=2), ckpt_path=slim)
+    assert resumed.global_step == 3 and resumed.stream_position == saved["meta_counters"]["stream_position"] + 1
+    assert all(slot is not None for slot in resumed.slots)

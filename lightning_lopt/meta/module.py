@@ -722,6 +722,13 @@ class MetaTrainingModule(pl.LightningModule):
         if ranks is None and "meta_slots" in checkpoint:  # written before checkpoints held every rank's part
             ranks = [{"slots": checkpoint["meta_slots"], "noise_generator": None,
                       "inner_divergences": int(counters.get("inner_divergences", 0))}]
+        if ranks is None and counters:
+            warnings.warn(
+                "The checkpoint holds no tasks in flight (a copy made with `python -m lightning_lopt.meta.portable "
+                "--drop-tasks`): the meta-parameters, optimizer and stream resume, and tasks start afresh "
+                "(not bit-exact).",
+                UserWarning,
+            )
         self._pending_ranks = ranks
         self._pending_distribution = checkpoint.get("meta_task_distribution")
 

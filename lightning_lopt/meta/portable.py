@@ -3,7 +3,10 @@
 Lightning's ModelCheckpoint state holds absolute paths (its ``dirpath``, best and last model
 paths). Resumed on another machine, or from another folder, that state makes Lightning warn that
 the dirpath changed and drop the top-k bookkeeping. This rewrites paths under ``root`` as paths
-relative to it and removes ``dirpath`` (the resuming run's callback has its own).
+relative to it and removes ``dirpath`` (the resuming run's callback has its own). With
+``--drop-tasks`` it also leaves out the tasks in flight, by far the largest part of an ES or PES
+checkpoint: the copy resumes the meta-parameters, meta-optimizer and task stream, with fresh
+tasks (not bit-exact).
 
 Usage::
 
@@ -34,7 +37,9 @@ def _relative(value: Any, root: str) -> Any:
     return value
 
 
-def make_portable(src: str | Path, dst: str | Path, root: Optional[str | Path] = None) -> Path:
+def make_portable(
+    src: str | Path, dst: str | Path, root: Optional[str | Path] = None, drop_tasks: bool = False
+) -> Path:
     """Write ``src`` to ``dst`` with every absolute path in its callbacks' states made relative.
 
     Args:
@@ -42,6 +47,7 @@ def make_portable(src: str | Path, dst: str | Path, root: Optional[str | Path] =
         dst: Where to write the portable copy (may be ``src``).
         root: Paths under it become relative to it; others keep only their file name
             (default: the working directory).
+        drop_tasks: Leave out every rank's tasks in flight (``meta_ranks``).
 
     Returns:
         ``dst``.
@@ -54,6 +60,8 @@ def make_portable(src: str | Path, dst: str | Path, root: Optional[str | Path] =
             state = {k: v for k, v in state.items() if k != "dirpath"}
         callbacks[key] = _relative(state, root)
     ckpt["callbacks"] = callbacks
+    if drop_tasks:
+        ckpt.pop("meta_ranks", None)
     for key in [k for k, v in ckpt.items() if isinstance(v, str)]:
         ckpt[key] = _relative(ckpt[key], root)
     atomic_torch_save(ckpt, dst)
@@ -66,8 +74,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("checkpoint", help="Lightning .ckpt to read")
     parser.add_argument("output", help="where to write the portable copy")
     parser.add_argument("--root", default=None, help="paths under it become relative to it (default: here)")
+    parser.add_argument(
+        "--drop-tasks", action="store_true",
+        help="leave out the tasks in flight: resumes with fresh tasks (not bit-exact), in a far smaller file",
+    )
     args = parser.parse_args(argv)
-    print(f"wrote {make_portable(args.checkpoint, args.output, args.root)}")
+    print(f"wrote {make_portable(args.checkpoint, args.output, args.root, args.drop_tasks)}")
 
 
 if __name__ == "__main__":
