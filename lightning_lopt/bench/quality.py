@@ -54,7 +54,6 @@ from lightning_lopt.bench.report import KIND_LABELS, at_sweep_edge, plot_task, r
 from lightning_lopt.hrnn import WEIGHTS_DIR, HierarchicalRNN
 from lightning_lopt.optimizer import HierarchicalRNNOptimizer, load_weights
 from lightning_lopt.tasks.base import Task, make_generator
-from lightning_lopt.verdict import validation_verdict
 from lightning_lopt.tasks.benchmark import (
     TASKS,
     BreastCancerLogRegTask,
@@ -65,6 +64,7 @@ from lightning_lopt.tasks.benchmark import (
     resolve_task_keys,
     TaskSpec,
 )
+from lightning_lopt.verdict import validation_verdict
 
 __all__ = [
     "ABLATIONS",
@@ -99,11 +99,11 @@ SWEEPS: dict[str, tuple[float, ...]] = {
 QUICK_SWEEP_INDICES = (0, 2, 4, 6)
 ADAM_DEFAULT_LR = 1e-3
 QUICK_STEPS_SCALE = 0.2
+QUICK_MIN_STEPS = 50
 # The bar the default weights are judged by (see bar_summary).
 BAR_TASKS_VS_ADAM = 6
 BAR_GROUPS_VS_BEST = 2
 BAR_DEEP_MLP_RATIO = 0.5
-QUICK_MIN_STEPS = 50
 # Variant of the learned optimizer with the weights under test but its state kept in bfloat16
 # (``--bf16-state``); it rides on the ablation variants' machinery (OptimizerConfig.variant).
 BF16_STATE = "bf16_state"
@@ -831,6 +831,11 @@ def bar_summary(analyses: dict[str, dict[str, Any]], task_keys: Sequence[str], f
         "learned_diverged": diverged,
         "learned_stalled": stalled,
         "deep_mlp_ratio_to_adam_default": deep,
+        "thresholds": {
+            "tasks_vs_adam_default": BAR_TASKS_VS_ADAM,
+            "groups_vs_best_tuned": BAR_GROUPS_VS_BEST,
+            "deep_mlp_ratio_to_adam_default": BAR_DEEP_MLP_RATIO,
+        },
         "bar_applicable": complete,
         "bar_met": bool(met) if complete else None,
     }

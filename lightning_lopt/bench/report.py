@@ -190,8 +190,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         + _fmt(bar.get("deep_mlp_ratio_to_adam_default"))
         + ".",
         "",
-        "Bar (lower than Adam 1e-3 on at least 6 of 7 tasks, than the best tuned on at least 2 groups, no learned "
-        "run diverges or stalls, deep MLP at most 0.5x Adam 1e-3): " + verdict + ".",
+        f"Bar (lower than Adam 1e-3 on at least {bar['thresholds']['tasks_vs_adam_default']} of 7 tasks, than the "
+        f"best tuned on at least {bar['thresholds']['groups_vs_best_tuned']} groups, no learned run diverges or "
+        f"stalls, deep MLP at most {bar['thresholds']['deep_mlp_ratio_to_adam_default']:g}x Adam 1e-3): "
+        + verdict + ".",
     ]
     ablation = results.get("ablation")
     if ablation:
