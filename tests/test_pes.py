@@ -91,13 +91,14 @@ def test_diverging_particles_score_the_maximum_and_never_nan():
 
 
 def test_pes_follows_the_whole_horizon_where_truncated_backprop_anneals():
-    """The short-horizon bias and its cure, on a noisy quadratic with the shipped weights.
+    """The short-horizon bias and its cure, on a noisy quadratic with the truncated-backprop weights
+    (``tbptt_step7250``, the default until the ES campaign's weights replaced them).
 
     d/d b_log_lr of the whole 300-step objective is negative (a slower decay of the learning rate
     helps), but 16-step truncated backprop says positive: it keeps teaching the rule to anneal.
     PES over the same horizon agrees with the finite difference in sign and within its interval.
     """
-    lopt = HierarchicalRNN.from_pretrained("default")
+    lopt = HierarchicalRNN.from_pretrained("tbptt_step7250")
     name, horizon = "b_log_lr", 300
     fd = finite_difference(lopt, _noisy_quadratic, horizon, name, h=0.02)
     tbptt = tbptt_derivative(lopt, _noisy_quadratic, horizon, 16, name)

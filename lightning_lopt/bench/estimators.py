@@ -36,7 +36,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--seeds", type=int, default=2, help="task seeds (initialisations and noise) to average over")
     parser.add_argument("--noise", type=float, default=1.0, help="gradient noise of the quadratic")
     parser.add_argument("--param", default="b_log_lr", help="the scalar meta-parameter")
-    parser.add_argument("--weights", default="default", help="meta-parameters to measure at")
+    parser.add_argument("--weights", default="tbptt_step7250",
+                        help="meta-parameters to measure at (default: the truncated-backprop weights, whose bias this shows)")
     parser.add_argument("--families", default=None,
                         help="comma-separated task families: print only the finite difference on tasks of each")
     args = parser.parse_args(argv)
