@@ -57,17 +57,60 @@ class BiasGRU(nn.Module):
         self.weight_candidate = nn.Parameter(_normal_(torch.empty(fan_in, hidden_size), fan_in, generator))
         self.bias_candidate = nn.Parameter(torch.zeros(hidden_size))
 
-    def forward(self, x: Tensor, h: Tensor, injected: Optional[Tensor] = None) -> Tensor:
-        """One step. ``injected`` has width ``3 * hidden_size`` (reset, keep, candidate) or is None."""
+    def forward(
+        self, x: Tensor, h: Tensor, injected: Optional[Tensor] = None, rows: Optional["ProblemRows"] = None
+    ) -> Tensor:
+        """One step. ``injected`` has width ``3 * hidden_size`` (reset, keep, candidate) or is None.
+
+        With per-problem weights (a leading problem dimension, see :meth:`HierarchicalRNN.step`),
+        ``rows`` gives each row's problem (None: row ``i`` is problem ``i``).
+        """
         hs = self.hidden_size
-        gates = torch.cat([x, h], dim=-1) @ self.weight_gates + self.bias_gates
+        gates = _matmul(torch.cat([x, h], dim=-1), self.weight_gates, self.bias_gates, rows)
         if injected is not None:
             gates = gates + injected[..., : 2 * hs]
         reset, keep = torch.sigmoid(gates).split(hs, dim=-1)
-        cand = torch.cat([x, reset * h], dim=-1) @ self.weight_candidate + self.bias_candidate
+        cand = _matmul(torch.cat([x, reset * h], dim=-1), self.weight_candidate, self.bias_candidate, rows)
         if injected is not None:
             cand = cand + injected[..., 2 * hs :]
         return keep * h + (1.0 - keep) * torch.tanh(cand)
+
+
+class ProblemRows(NamedTuple):
+    """Which problem each row of a per-tensor matrix belongs to, for per-problem weights: row ``i``
+    is entry ``position[i]`` of problem ``problem[i]``, and no problem has more than ``width`` rows."""
+
+    problem: Tensor
+    position: Tensor
+    width: int
+
+    @staticmethod
+    def of(problem_ids: Tensor) -> "ProblemRows":
+        """From non-decreasing problem ids (a :class:`Layout`'s ``problem_ids``)."""
+        first = torch.searchsorted(problem_ids, problem_ids)  # index of each problem's first row
+        position = torch.arange(problem_ids.numel(), device=problem_ids.device) - first
+        return ProblemRows(problem_ids, position, int(position.max()) + 1 if position.numel() else 1)
+
+
+def _matmul(x: Tensor, weight: Tensor, bias: Tensor, rows: Optional[ProblemRows]) -> Tensor:
+    """``x @ weight + bias``; with per-problem weights ``(P, in, out)``, row ``i`` of ``x`` uses
+    problem ``rows.problem[i]``'s (``rows`` None: problem ``i``)."""
+    if weight.dim() == 2:
+        return x @ weight + bias
+    if rows is None:
+        return torch.baddbmm(bias.unsqueeze(1), x.unsqueeze(1), weight).squeeze(1)
+    # Rows scattered into a (P, width, in) block, so that one batched product uses each problem's
+    # weights in place: gathering a weight matrix per row moved far more memory.
+    block = x.new_zeros(weight.shape[0], rows.width, x.shape[-1])
+    block[rows.problem, rows.position] = x
+    return torch.baddbmm(bias.unsqueeze(1), block, weight)[rows.problem, rows.position]
+
+
+def _linear(layer: nn.Linear, x: Tensor, rows: Optional[ProblemRows]) -> Tensor:
+    """``layer(x)``, with per-problem weights as in :func:`_matmul`."""
+    if layer.weight.dim() == 2:
+        return layer(x)
+    return _matmul(x, layer.weight.transpose(1, 2), layer.bias, rows)
 
 
 @dataclass(frozen=True)
@@ -496,7 +539,7 @@ class HierarchicalRNN(nn.Module):
         the tensors' version counters, which every in-place update bumps): on a small model,
         packing them anew was a tenth of the step.
         """
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or self.param_rnn.weight_gates.dim() == 3:
             return self._pack_element_weights(dtype)
         # data_ptr: module.to() and load_state_dict(assign=True) swap storage without a version bump.
         key = (dtype, tuple((id(p), p._version, p.data_ptr()) for p in self._element_sources()))
@@ -525,8 +568,9 @@ class HierarchicalRNN(nn.Module):
             heads.append(self.w_attention)
             shortcuts.append(self.shortcut_attention)
             biases.append(torch.zeros_like(self.b_log_lr))
-        read_out = torch.cat([torch.stack(heads, 1), torch.stack(shortcuts, 1)], 0)
-        assert read_out.shape[0] == self.param_units + k
+        # Stacked on the last dimensions, so that per-problem weights keep their leading dimension.
+        read_out = torch.cat([torch.stack(heads, -1), torch.stack(shortcuts, -1)], -2)
+        assert read_out.shape[-2] == self.param_units + k
         cell = self.param_rnn
         return {
             "w_gates": cell.weight_gates.to(dtype),
@@ -534,7 +578,7 @@ class HierarchicalRNN(nn.Module):
             "w_cand": cell.weight_candidate.to(dtype),
             "b_cand": cell.bias_candidate.to(dtype),
             "w_out": read_out.to(dtype),
-            "b_out": torch.stack(biases).to(dtype),
+            "b_out": torch.stack(biases, -1).to(dtype),
             "keep": torch.sigmoid(self.lr_smoothing).to(dtype),
             "offset": self.step_offset.to(dtype),
         }
@@ -622,8 +666,19 @@ class HierarchicalRNN(nn.Module):
         rnn_dtype = self.h0_tensor.dtype
         h_tensor, h_global = state.h_tensor.to(rnn_dtype), state.h_global.to(rnn_dtype)
         h_global_t = h_global[pid]
+        # Per-problem meta-parameters (each with a leading problem dimension, swapped in by
+        # torch.func.functional_call): every problem runs its own rule, as the particles of
+        # evolution-strategies meta-training do.
+        lanes = self.param_rnn.weight_gates.dim() == 3
+        rows_t = ProblemRows.of(pid) if lanes else None
+        if lanes and (diagnostics or reducer is not None or self.param_rnn.weight_gates.shape[0] != layout.num_problems):
+            raise ValueError(
+                "Per-problem meta-parameters need a leading dimension of the layout's problem count "
+                f"({layout.num_problems}), and support neither diagnostics nor a reducer."
+            )
         if self.hierarchy:
-            injected_t = (self.tensor_to_param(h_tensor) + self.global_to_param(h_global_t)).to(dtype)
+            injected_t = (_linear(self.tensor_to_param, h_tensor, rows_t)
+                          + _linear(self.global_to_param, h_global_t, rows_t)).to(dtype)
         else:
             injected_t = point.new_zeros(t_count, 3 * hp, dtype=dtype)
         lr_t = torch.as_tensor(lr, dtype=dtype, device=point.device).expand(t_count)
@@ -641,7 +696,13 @@ class HierarchicalRNN(nn.Module):
             # "auto" takes the kernel wherever it applies, building it on first use (once per
             # machine): a rule that looked at the cache made results depend on the machine's history.
             cpp = kernels.cpu_kernel()
-        tri = _triton_kernels(backend, state, point, grad, out, dtype) if cpp is None and not grad_mode else None
+        if lanes and cpp is not None and not all(t.is_contiguous() and t.dtype == torch.float32 for t in state
+                                                  if t is not None):
+            cpp = None
+        tri = _triton_kernels(backend, state, point, grad, out, dtype) if cpp is None and not grad_mode and not lanes \
+            else None
+        if lanes and cpp is None:
+            out, chunk = None, n  # the reference: one chunk, lane by lane
         if out is not None:
             new = out
         elif chunk < n or cpp is not None or tri is not None:
@@ -656,7 +717,29 @@ class HierarchicalRNN(nn.Module):
         scratch = _Scratch.get(self, n, dtype, point.device) if new is not None else None
         kernel = _compiled_kernel(cst) if backend == "compiled" and cpp is None and new is not None else None
         full: Optional[tuple[Any, ...]] = None
-        if cpp is not None:
+        starts = torch.cat([tid.new_zeros(1), layout.problem_elements.long().cumsum(0)]) if lanes else None
+        if lanes and cpp is not None:
+            cpp.element_update_lanes(
+                [grad.to(dtype).contiguous(), state.h_param, state.momentum, state.mean_square, state.beta_in,
+                 state.beta_sc, state.log_lr],
+                tid, table.contiguous(),
+                [weights[k].contiguous() for k in ("w_gates", "b_gates", "w_cand", "b_cand", "w_out", "b_out")],
+                starts.to(torch.int64).contiguous(), weights["keep"].contiguous(), weights["offset"].contiguous(),
+                [new.h_param, new.momentum, new.mean_square, new.beta_in, new.beta_sc, new.log_lr, scratch.ud,
+                 scratch.ua],
+                sums, cst.attention, cst.ms_epsilon, cst.epsilon, cst.log_lr_low, cst.log_lr_high,
+            )
+        elif lanes:
+            bounds = starts.tolist()
+            parts = [
+                _element_update(cst, {k: v[i] for k, v in weights.items()}, grad[a:b], state.h_param[a:b],
+                                state.momentum[a:b], state.mean_square[a:b], state.beta_in[a:b], state.beta_sc[a:b],
+                                state.log_lr[a:b], tid[a:b], table, unrolled=False)
+                for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
+            ]
+            full = tuple(torch.cat(cols) for cols in zip(*parts))
+            sums = sums.index_add(0, tid, full[-1])
+        elif cpp is not None:
             cpp.element_update(
                 [grad.to(dtype).contiguous(), state.h_param, state.momentum, state.mean_square, state.beta_in,
                  state.beta_sc, state.log_lr],
@@ -675,7 +758,7 @@ class HierarchicalRNN(nn.Module):
             )
         self.last_backend = ("cpp" if cpp is not None else "triton" if tri is not None
                              else "compiled" if kernel is not None else "eager")
-        for start in range(0, n if cpp is None and tri is None else 0, chunk):
+        for start in range(0, n if cpp is None and tri is None and not lanes else 0, chunk):
             end = min(start + chunk, n)
             sl = slice(start, end)
             args = (grad[sl], state.h_param[sl], state.momentum[sl], state.mean_square[sl], state.beta_in[sl],
@@ -702,7 +785,7 @@ class HierarchicalRNN(nn.Module):
         rs_a = torch.rsqrt(means[:, -1] + self.epsilon) if cst.attention else rs_d
         if self.hierarchy:
             new_h_tensor, new_h_global = self._tensor_and_global(means, h_tensor, h_global, h_global_t, layout,
-                                                                 reducer, progress)
+                                                                 reducer, progress, rows_t)
         else:
             new_h_tensor, new_h_global = h_tensor, h_global
         update_table = torch.stack([rs_d, rs_a, lr_t * wd_t], 1)
@@ -794,12 +877,14 @@ class HierarchicalRNN(nn.Module):
         layout: Layout,
         reducer: Optional[StepReducer],
         progress: Union[float, Tensor, None],
+        rows_t: Optional[ProblemRows] = None,
     ) -> tuple[Tensor, Tensor]:
         """The tensor RNN on each tensor's mean of ``[h_param', z]``, then the global RNN on each
         problem's mean of the new tensor states (and the progress features with ``progress_input``)."""
         rnn_dtype, pid = h_tensor.dtype, layout.problem_ids
         tensor_in = means[:, : self.param_units + self.num_features]
-        new_h_tensor = self.tensor_rnn(tensor_in.to(rnn_dtype), h_tensor, self.global_to_tensor(h_global_t))
+        new_h_tensor = self.tensor_rnn(tensor_in.to(rnn_dtype), h_tensor,
+                                       _linear(self.global_to_tensor, h_global_t, rows_t), rows=rows_t)
         global_in = new_h_tensor.new_zeros(layout.num_problems, new_h_tensor.shape[-1]).index_add(0, pid, new_h_tensor)
         if reducer is None:
             global_in = global_in / layout.problem_tensors.to(rnn_dtype).unsqueeze(-1)

@@ -432,7 +432,7 @@ void run_all(int H, int K, const Weights& w, const StatePtrs<S>& p, int64_t n, t
   // A single block (under 4096 elements) runs on the calling thread: a parallel region would cost more.
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks)));
   std::vector<std::vector<double>> partial(blocks);
-  std::vector<int64_t> lows(blocks, 0);
+  std::vector<int64_t> lows(blocks, 0), highs(blocks, 0);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t tb = blk * block_tiles, te = std::min(tiles, tb + block_tiles);
@@ -444,14 +444,18 @@ void run_all(int H, int K, const Weights& w, const StatePtrs<S>& p, int64_t n, t
     }
     partial[blk].assign((hi - lo + 1) * width, 0.0);
     lows[blk] = lo;
+    highs[blk] = hi;
     run_tiles<HT, KT, ATT, S>(dims, w, p, n, tb, te, partial[blk].data(), lo, width);
   }
-  float* out = sums_out.data_ptr<float>();
-  std::vector<double> total(sums_out.size(0) * width, 0.0);
+  // Only the tensors this range touches are merged: a lane of many (element_update_lanes) owns a few rows.
+  const int64_t first = *std::min_element(lows.begin(), lows.end());
+  const int64_t last = *std::max_element(highs.begin(), highs.end());
+  float* out = sums_out.data_ptr<float>() + first * width;
+  std::vector<double> total((last - first + 1) * width, 0.0);
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t rows = static_cast<int64_t>(partial[blk].size()) / width;
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t j = 0; j < width; ++j) total[(lows[blk] + r) * width + j] += partial[blk][r * width + j];
+      for (int64_t j = 0; j < width; ++j) total[(lows[blk] - first + r) * width + j] += partial[blk][r * width + j];
   }
   for (int64_t i = 0; i < static_cast<int64_t>(total.size()); ++i) out[i] += static_cast<float>(total[i]);
 }
@@ -543,6 +547,63 @@ void element_update(std::vector<torch::Tensor> state, torch::Tensor tensor_ids, 
   }
 }
 
+// The same for L lanes, each a contiguous range of elements [starts[l], starts[l + 1]) with its own
+// weights: weights as in element_update with a leading lane dimension, keep and offset (L,). Lanes
+// are the particles of evolution-strategies meta-training, each running its own meta-parameters.
+// Buffers must be contiguous (row-major), so a lane's rows are one pointer offset away.
+void element_update_lanes(std::vector<torch::Tensor> state, torch::Tensor tensor_ids, torch::Tensor table,
+                          std::vector<torch::Tensor> weights, torch::Tensor starts, torch::Tensor keep,
+                          torch::Tensor offset, std::vector<torch::Tensor> out, torch::Tensor sums, bool attention,
+                          double ms_eps, double eps, double low, double high) {
+  TORCH_CHECK(state.size() == 7 && out.size() == 8 && weights.size() == 6, "element_update_lanes: wrong argument counts");
+  const int64_t n = state[0].size(0), L = starts.size(0) - 1;
+  const int64_t H = state[1].size(1), K = state[2].size(1), F = 3 * K, O = attention ? 5 : 4;
+  TORCH_CHECK(H <= 64 && K <= 16, "element_update_lanes supports param_units <= 64 and num_timescales <= 16");
+  TORCH_CHECK(state[1].scalar_type() == at::kFloat, "element_update_lanes: state must be float32");
+  for (auto& t : state) check(t, "state", at::kFloat, n, -1);
+  for (auto& t : out) check(t, "out", at::kFloat, n, -1);
+  check(tensor_ids, "tensor_ids", at::kLong, n, -1);
+  check(table, "table", at::kFloat, table.size(0), 3 * H + 2);
+  check(sums, "sums", at::kFloat, table.size(0), H + F + 1 + (attention ? 1 : 0));
+  check(starts, "starts", at::kLong, L + 1, -1);
+  check(keep, "keep", at::kFloat, L, -1);
+  check(offset, "offset", at::kFloat, L, -1);
+  const int64_t shapes[6][2] = {{F + H, 2 * H}, {2 * H, 1}, {F + H, H}, {H, 1}, {H + K, O}, {O, 1}};
+  for (int i = 0; i < 6; ++i) {
+    TORCH_CHECK(weights[i].is_contiguous() && weights[i].scalar_type() == at::kFloat && weights[i].size(0) == L &&
+                    weights[i].numel() == L * shapes[i][0] * shapes[i][1],
+                "element_update_lanes: lane weight ", i, " must be contiguous float32 of shape (L, ...)");
+  }
+  const int64_t* st = starts.data_ptr<int64_t>();
+  TORCH_CHECK(st[0] >= 0 && st[L] <= n, "element_update_lanes: starts out of range");
+  const float* kp = keep.data_ptr<float>();
+  const float* op = offset.data_ptr<float>();
+  const int64_t* tid = tensor_ids.data_ptr<int64_t>();
+  const float* f[6];
+  int64_t stride[6];
+  for (int i = 0; i < 6; ++i) {
+    f[i] = weights[i].data_ptr<float>();
+    stride[i] = shapes[i][0] * shapes[i][1];
+  }
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t a = st[l], m = st[l + 1] - a;
+    if (m <= 0) continue;
+    Weights w{f[0] + l * stride[0], f[1] + l * stride[1], f[2] + l * stride[2], f[3] + l * stride[3],
+              f[4] + l * stride[4], f[5] + l * stride[5], table.data_ptr<float>(), table.size(1), kp[l], op[l],
+              static_cast<float>(ms_eps), static_cast<float>(eps), static_cast<float>(low), static_cast<float>(high)};
+    auto rows = [&](torch::Tensor& t) { return Mat<float>{t.data_ptr<float>() + a * t.size(1), t.size(1), 1}; };
+    auto crows = [&](torch::Tensor& t) {
+      return Mat<const float>{t.data_ptr<float>() + a * t.size(1), t.size(1), 1};
+    };
+    StatePtrs<float> p{state[0].data_ptr<float>() + a, crows(state[1]), crows(state[2]), crows(state[3]),
+                       state[4].data_ptr<float>() + a, state[5].data_ptr<float>() + a, state[6].data_ptr<float>() + a,
+                       rows(out[0]), rows(out[1]), rows(out[2]),
+                       out[3].data_ptr<float>() + a, out[4].data_ptr<float>() + a, out[5].data_ptr<float>() + a,
+                       out[6].data_ptr<float>() + a, out[7].data_ptr<float>() + a, tid + a};
+    dispatch<float>(H, K, attention, w, p, m, sums);
+  }
+}
+
 // theta = theta_old - step_d * table[t, 0] - table[t, 2] * theta_old; phi = theta_old - step_a * table[t, 1]
 // (phi = theta without attention). Outputs may alias theta_old.
 void apply_update(torch::Tensor theta_old, torch::Tensor step_d, torch::Tensor step_a, torch::Tensor tensor_ids,
@@ -579,5 +640,7 @@ void apply_update(torch::Tensor theta_old, torch::Tensor step_d, torch::Tensor s
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("element_update", &element_update, "Fused element-level part of the hierarchical RNN step (CPU)");
+  m.def("element_update_lanes", &element_update_lanes,
+        "Fused element-level part for lanes of elements with their own weights (CPU)");
   m.def("apply_update", &apply_update, "Parameter update with per-tensor normalisers (CPU)");
 }

@@ -23,6 +23,7 @@ from lightning_lopt.meta.pes import (
     draw_perturbations,
     flat_meta_parameters,
     pes_estimate,
+    unroll_particle_slots,
     unroll_particles,
 )
 from lightning_lopt.tasks import Task, TaskDistribution
@@ -236,6 +237,11 @@ class MetaTrainingModule(pl.LightningModule):
         gradient_estimator: ``"tbptt"``, ``"pes"`` or ``"es_single"`` (see above).
         pes_sigma: Standard deviation of the ES perturbations of the meta-parameters.
         pes_pairs: Antithetic pairs of particles per task under the ES estimators.
+        es_unroll: How the ES estimators step their particles: ``"batched"`` runs every particle
+            of every task through one update-rule step per inner step (each particle one problem
+            with its own meta-parameters, through the fused C++ kernel where it applies);
+            ``"per_task"`` runs one vmapped step per task, the reference the batched path is tested
+            against. Both compute the same estimate.
         task_lengths: Task lengths drawn log-uniformly between these bounds (None: ``(100,
             max_task_length)`` under the ES estimators; the heavy-tailed unroll distribution below
             under ``"tbptt"``). Under the ES estimators the first task of each slot is cut to a
@@ -279,6 +285,7 @@ class MetaTrainingModule(pl.LightningModule):
         gradient_estimator: str = "tbptt",
         pes_sigma: float = 0.01,
         pes_pairs: int = 8,
+        es_unroll: str = "batched",
         task_lengths: Optional[tuple[int, int]] = None,
         meta_loss_max: float = 1.0,
         meta_parameters: Optional[list[str]] = None,
@@ -306,6 +313,8 @@ class MetaTrainingModule(pl.LightningModule):
         truncation_length = truncation_length if truncation_length is not None else (50 if es else 16)
         if truncation_length < 1 or tasks_per_step < 1:
             raise ValueError("truncation_length and tasks_per_step must be >= 1.")
+        if es_unroll not in ("batched", "per_task"):
+            raise ValueError(f"es_unroll must be 'batched' or 'per_task', got {es_unroll!r}.")
         if pes_pairs < 1 or not pes_sigma > 0:
             raise ValueError(f"pes_pairs must be >= 1 and pes_sigma > 0, got {pes_pairs} and {pes_sigma}.")
         if task_lengths is None and es:
@@ -533,7 +542,8 @@ class MetaTrainingModule(pl.LightningModule):
         want_diag = self._wants_diagnostics()
         estimate = torch.zeros_like(theta)
         losses, deltas, used, inner_steps, diag = [], [], 0, 0, None
-        for i, slot in enumerate(self.slots):
+        perturbed = []
+        for slot in self.slots:
             if hp.gradient_estimator == "es_single":
                 if slot.eps is None:
                     slot.eps = self._perturbations(theta)
@@ -542,11 +552,21 @@ class MetaTrainingModule(pl.LightningModule):
             else:
                 eps = self._perturbations(theta)
                 slot.xi = eps.clone() if slot.steps_done == 0 or slot.xi is None else slot.xi + eps
-            mean_losses, ran, d = unroll_particles(
-                self.lopt, slot, antithetic(theta, eps), hp.truncation_length, hp.meta_loss_max,
-                diagnostics=want_diag and i == 0,
+            perturbed.append(antithetic(theta, eps))
+        if hp.get("es_unroll", "batched") == "batched":
+            results, ran_steps, diag = unroll_particle_slots(
+                self.lopt, self.slots, perturbed, hp.truncation_length, hp.meta_loss_max, diagnostics=want_diag
             )
-            diag = diag if d is None else d
+        else:
+            results, ran_steps = [], []
+            for i, (slot, prt) in enumerate(zip(self.slots, perturbed)):
+                mean_losses, ran, d = unroll_particles(
+                    self.lopt, slot, prt, hp.truncation_length, hp.meta_loss_max, diagnostics=want_diag and i == 0
+                )
+                diag = diag if d is None else d
+                results.append(mean_losses)
+                ran_steps.append(ran)
+        for slot, mean_losses, ran in zip(self.slots, results, ran_steps):
             if mean_losses is None:
                 continue
             estimate += pes_estimate(slot.xi, mean_losses, hp.pes_sigma)

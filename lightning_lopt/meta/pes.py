@@ -38,6 +38,7 @@ __all__ = [
     "draw_perturbations",
     "flat_meta_parameters",
     "pes_estimate",
+    "unroll_particle_slots",
     "unroll_particles",
 ]
 
@@ -305,6 +306,188 @@ def unroll_particles(
     slot.point, slot.state = point, state
     slot.steps_done += ran
     return (total / ran if ran else None), ran, diag
+
+
+def unroll_particle_slots(
+    lopt: HierarchicalRNN,
+    slots: list[ParticleSlot],
+    perturbed: list[Tensor],
+    num_steps: int,
+    meta_loss_max: float,
+    diagnostics: bool = False,
+) -> tuple[list[Optional[Tensor]], list[int], Optional[StepDiagnostics]]:
+    """:func:`unroll_particles` for several slots at once: the same function, faster.
+
+    Every particle of every slot is one problem of one flat vector, with its own meta-parameters
+    (:meth:`~lightning_lopt.HierarchicalRNN.step` with per-problem weights), so each inner step
+    runs the update rule once for all of them, through the fused C++ kernel where it applies. Only
+    the tasks' losses and gradients run per slot (vmapped over the slot's particles). A slot whose
+    task ends before ``num_steps`` leaves the flat vector, and the others go on without it.
+
+    Args:
+        lopt: The meta-parameters' module.
+        slots: The tasks and their particles (updated in place).
+        perturbed: Per slot, each particle's flat meta-parameters, ``(2 * pairs, D)``.
+        num_steps: Truncation length.
+        meta_loss_max: Clip of the per-step meta-loss; also the score of a non-finite loss.
+        diagnostics: Also return the diagnostics of the first slot's first step, as
+            :func:`unroll_particles` does.
+
+    Returns:
+        Per slot, ``L`` (or None) and the steps run, as :func:`unroll_particles` returns them, and
+        the diagnostics (or None).
+    """
+    steps = [max(0, min(num_steps, s.length - s.steps_done)) for s in slots]
+    totals = [torch.zeros(p.shape[0], dtype=torch.float32, device=s.point.device) for s, p in zip(slots, perturbed)]
+    for slot, prt in zip(slots, perturbed):
+        if slot.steps_done == 0:
+            _start_particles(lopt, slot, _stacked_parameters(lopt, prt))
+        if slot.dead is None:
+            slot.dead = torch.zeros(prt.shape[0], dtype=torch.bool, device=slot.point.device)
+    diag = None
+    if diagnostics and steps and steps[0] > 0:
+        diag = _first_step_diagnostics(lopt, slots[0])
+    done = 0
+    while True:
+        active = [k for k, n in enumerate(steps) if n > done]
+        if not active:
+            break
+        run = min(steps[k] for k in active) - done  # until the first of them ends
+        _run_lanes(lopt, [slots[k] for k in active], [perturbed[k] for k in active], run,
+                   meta_loss_max, [totals[k] for k in active])
+        done += run
+    return [t / n if n else None for t, n in zip(totals, steps)], steps, diag
+
+
+def _first_step_diagnostics(lopt: HierarchicalRNN, slot: ParticleSlot) -> StepDiagnostics:
+    """The diagnostics :func:`unroll_particles` returns: the unperturbed rule on the first particle's
+    inputs of the next step, with the task's generator left where it was."""
+    snapshot = slot.generator.get_state()
+    batch = _to_device(slot.task.sample_batch(slot.generator), slot.point.device)
+    sizes = [math.prod(s) for s in slot.shapes]
+    with torch.enable_grad():
+        x = slot.point[:1].detach().requires_grad_(True)
+        loss = slot.task.loss([v.view(s) for v, s in zip(x[0].split(sizes), slot.shapes)], batch)
+        (g,) = torch.autograd.grad(loss, x)
+    grads = _transform_particle_grads(slot, g.expand(slot.point.shape[0], -1).contiguous())
+    slot.generator.set_state(snapshot)
+    g0 = torch.where(torch.isfinite(grads[0]), grads[0], torch.zeros_like(grads[0]))
+    with torch.no_grad():
+        one = HRNNState(*(None if v is None else v[0] for v in slot.state))
+        progress = _progress(lopt, slot.steps_done, slot.length, slot.point)
+        return lopt.step(one, slot.point[0], g0, slot.layout(), diagnostics=True, backend="eager",
+                         progress=progress).diagnostics
+
+
+def _run_lanes(
+    lopt: HierarchicalRNN,
+    slots: list[ParticleSlot],
+    perturbed: list[Tensor],
+    steps: int,
+    meta_loss_max: float,
+    totals: list[Tensor],
+) -> None:
+    """``steps`` inner steps of every particle of ``slots``, none of whose tasks ends before."""
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    device = slots[0].point.device
+    pairs2 = [p.shape[0] for p in perturbed]
+    sizes = [[math.prod(s) for s in slot.shapes] for slot in slots]
+    numels = [sum(sz) for sz in sizes]
+    lane_sizes = [n for sz, p in zip(sizes, pairs2) for _ in range(p) for n in sz]
+    lane_ids = [lane for lane, n in enumerate(len(sz) for sz, p in zip(sizes, pairs2) for _ in range(p)) for _ in range(n)]
+    layout = Layout.build(lane_sizes, problems=lane_ids, device=device)
+    params = {k[len("lopt."):]: v for k, v in _stacked_parameters(lopt, torch.cat(perturbed)).items()}
+
+    def cat(field: str) -> Optional[Tensor]:
+        parts = [getattr(s.state, field) for s in slots]
+        if parts[0] is None:
+            return None
+        return torch.cat([p.reshape(p.shape[0] * p.shape[1], *p.shape[2:]) for p in parts]).contiguous()
+
+    state = HRNNState(**{f: cat(f) for f in HRNNState._fields})
+    point = torch.cat([s.point.reshape(-1) for s in slots])
+    offsets = [0]
+    for n, p in zip(numels, pairs2):
+        offsets.append(offsets[-1] + n * p)
+
+    def views(flat: Tensor) -> list[Tensor]:
+        return [flat[a:b].view(p, n) for a, b, p, n in zip(offsets, offsets[1:], pairs2, numels)]
+
+    loss_fns = [_loss_fn(slot, sz) for slot, sz in zip(slots, sizes)]
+    negative = torch.zeros((), dtype=torch.bool, device=device)
+    last = [None] * len(slots)
+    for t in range(steps):
+        batches, grads = [], []
+        for slot, x, fn in zip(slots, views(point), loss_fns):
+            batch = _to_device(slot.task.sample_batch(slot.generator), device)
+            with torch.enable_grad():
+                xg = x.detach().requires_grad_(True)
+                (g,) = torch.autograd.grad(fn(xg, batch).sum(), xg)
+            g = _transform_particle_grads(slot, g)
+            finite_grad = torch.isfinite(g).all(1)
+            slot.dead = slot.dead | ~finite_grad
+            # A particle whose gradient is non-finite has diverged; zeros keep its lane harmless.
+            grads.append(torch.where(finite_grad.unsqueeze(1), g, torch.zeros_like(g)).reshape(-1))
+            batches.append(batch)
+        progress = None
+        if lopt.progress_input:
+            progress = torch.cat([torch.full((p,), (s.steps_done + t) / s.length, device=device)
+                                  for s, p in zip(slots, pairs2)])
+        with torch.no_grad(), _reparametrize_module(lopt, params):
+            out = lopt.step(state, point, torch.cat(grads), layout, progress=progress)
+        point, state = out.point, out.state
+        theta = state.theta if lopt.attention else point
+        with torch.no_grad():
+            for k, (slot, th, fn, batch) in enumerate(zip(slots, views(theta), loss_fns, batches)):
+                losses = fn(th, batch)
+                finite = torch.isfinite(losses)
+                negative = negative | (torch.where(finite, losses, torch.zeros_like(losses)) < 0).any()
+                slot.dead = slot.dead | ~finite | ~torch.isfinite(th).all(1)
+                terms = clipped_meta_loss(losses.float(), slot.initial_loss.float(), meta_loss_max)
+                totals[k] += torch.where(slot.dead, torch.full_like(terms, meta_loss_max), terms)
+                last[k] = losses
+    if bool(negative):
+        for slot, losses in zip(slots, last):
+            finite = losses[torch.isfinite(losses)]
+            if bool((finite < 0).any()):
+                raise NegativeLossError(
+                    f"Task {slot.task!r} (family {slot.task.family!r}) returned a negative loss "
+                    f"{float(finite.min()):.4g}; the meta-objective log(f_t / f_0) needs losses >= 0. "
+                    "Shift or square the objective."
+                )
+        raise NegativeLossError("A task returned a negative loss; the meta-objective log(f_t / f_0) needs losses >= 0.")
+    # Back into the slots, as copies: a view would keep (and checkpoint) the whole flat buffer.
+    tensor_offsets = [0]
+    for sz, p in zip(sizes, pairs2):
+        tensor_offsets.append(tensor_offsets[-1] + len(sz) * p)
+    for k, slot in enumerate(slots):
+        a, b, p, n, ta, tb = offsets[k], offsets[k + 1], pairs2[k], numels[k], tensor_offsets[k], tensor_offsets[k + 1]
+
+        def part(field: str, flat: Optional[Tensor]) -> Optional[Tensor]:
+            if flat is None:
+                return None
+            if field == "h_tensor":
+                return flat[ta:tb].reshape(p, len(sizes[k]), -1).clone()
+            if field == "h_global":
+                lo = sum(pairs2[:k])
+                return flat[lo : lo + p].reshape(p, 1, -1).clone()
+            return flat[a:b].reshape(p, n, *flat.shape[1:]).clone()
+
+        slot.state = HRNNState(**{f: part(f, getattr(state, f)) for f in HRNNState._fields})
+        slot.point = point[a:b].reshape(p, n).clone()
+        slot.steps_done += steps
+        live = last[k][~slot.dead]
+        slot.last_loss = float(live.mean()) if live.numel() else float("nan")
+
+
+def _loss_fn(slot: ParticleSlot, sizes: list[int]) -> Any:
+    """The task's loss of each particle, ``(particles, n) -> (particles,)``, vmapped."""
+
+    def loss_of(flat: Tensor, batch: Any) -> Tensor:
+        return slot.task.loss([v.view(s) for v, s in zip(flat.split(sizes), slot.shapes)], batch)
+
+    return vmap(loss_of, in_dims=(0, None))
 
 
 def _progress(lopt: HierarchicalRNN, steps_done: int, length: int, like: Tensor) -> Optional[Tensor]:

@@ -1,0 +1,176 @@
+"""The batched ES unroll: every particle of every task through one update-rule step with its own
+meta-parameters computes what the per-task reference computes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lightning_lopt import HierarchicalRNN
+from lightning_lopt.hrnn import HRNNState, Layout
+from lightning_lopt.meta import MetaTrainingModule
+from lightning_lopt.meta.pes import (
+    _stacked_parameters,
+    antithetic,
+    flat_meta_parameters,
+    unroll_particle_slots,
+    unroll_particles,
+)
+from lightning_lopt.tasks import TaskDistribution
+
+try:
+    from lightning_lopt import kernels
+
+    _KERNEL = kernels.cpu_kernel(warn=False)
+except Exception:  # pragma: no cover - no compiler
+    _KERNEL = None
+
+
+def _lane_state(lopt: HierarchicalRNN, sizes: list[int], lanes: int, gen: torch.Generator) -> tuple[HRNNState, Tensor]:
+    """A mid-run state for ``lanes`` problems of the same tensor sizes, as one flat vector."""
+    layout = Layout.build(sizes)
+    n = layout.numel
+    states, points = [], []
+    for _ in range(lanes):
+        point = torch.randn(n, generator=gen)
+        st = lopt.init_state(layout, theta=point + 0.01 * torch.randn(n, generator=gen), generator=gen)
+        st = st._replace(
+            h_param=0.3 * torch.randn(n, lopt.param_units, generator=gen),
+            momentum=0.1 * torch.randn(n, lopt.num_timescales, generator=gen),
+            mean_square=0.1 * torch.rand(n, lopt.num_timescales, generator=gen),
+            beta_in=0.9 * torch.rand(n, generator=gen),
+            beta_sc=0.9 * torch.rand(n, generator=gen),
+            h_tensor=torch.randn(len(sizes), lopt.tensor_units, generator=gen).tanh(),
+            h_global=torch.randn(1, lopt.global_units, generator=gen).tanh(),
+        )
+        states.append(st)
+        points.append(point)
+    flat = HRNNState(*(torch.cat([getattr(s, f) for s in states]) for f in HRNNState._fields))
+    return flat, torch.cat(points)
+
+
+Tensor = torch.Tensor
+
+
+@pytest.mark.parametrize("backend", ["eager", "cpp"])
+def test_per_problem_meta_parameters_step_each_problem_with_its_own_rule(backend):
+    """A layout of P problems with per-problem meta-parameters steps each problem exactly as a
+    HierarchicalRNN holding that problem's meta-parameters steps it alone."""
+    if backend == "cpp" and _KERNEL is None:
+        pytest.skip("the C++ kernel could not be built here")
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    gen = torch.Generator().manual_seed(0)
+    lopt = HierarchicalRNN.from_pretrained("default")
+    theta = flat_meta_parameters(lopt)
+    lanes, sizes = 3, [30, 7, 50]
+    perturbed = theta + 0.05 * torch.randn(lanes, theta.numel(), generator=gen)
+    state, point = _lane_state(lopt, sizes, lanes, gen)
+    grad = torch.randn(point.shape, generator=gen)
+    layout = Layout.build(sizes * lanes, problems=[i for i in range(lanes) for _ in sizes])
+    params = {k[len("lopt."):]: v for k, v in _stacked_parameters(lopt, perturbed).items()}
+    with torch.no_grad(), _reparametrize_module(lopt, params):
+        out = lopt.step(state, point, grad, layout, backend=backend)
+    assert lopt.last_backend == backend
+    n = sum(sizes)
+    for i in range(lanes):
+        own = copy.deepcopy(lopt)
+        torch.nn.utils.vector_to_parameters(perturbed[i], own.parameters())
+        sl, st = slice(i * n, (i + 1) * n), slice(i * len(sizes), (i + 1) * len(sizes))
+        one = HRNNState(
+            *(v[sl] if f not in ("h_tensor", "h_global") else (v[st] if f == "h_tensor" else v[i : i + 1])
+              for f, v in zip(HRNNState._fields, state))
+        )
+        with torch.no_grad():
+            ref = own.step(one, point[sl], grad[sl], Layout.build(sizes), backend="eager")
+        torch.testing.assert_close(out.point[sl], ref.point, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.state.log_lr[sl], ref.state.log_lr, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.state.h_param[sl], ref.state.h_param, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.state.h_tensor[st], ref.state.h_tensor, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.state.h_global[i : i + 1], ref.state.h_global, rtol=1e-5, atol=1e-6)
+
+
+def _module(mode: str, estimator: str) -> MetaTrainingModule:
+    tasks = TaskDistribution(
+        family_weights={"mlp": 1.0, "quadratic": 1.0, "norm": 1.0, "logistic_regression": 1.0},
+        gradient_noise_prob=0.5,
+    )
+    torch.manual_seed(0)
+    module = MetaTrainingModule(
+        tasks=tasks, init_weights="default", tasks_per_step=3,
+        gradient_estimator=estimator, pes_pairs=2, truncation_length=12, task_lengths=(8, 30),
+        meta_lr=1e-3, es_unroll=mode,
+    )
+    opt = torch.optim.Adam(module.lopt.parameters(), lr=1e-3)
+    module.optimizers = lambda: opt  # type: ignore[method-assign]
+    module.manual_backward = lambda loss: loss.backward()  # type: ignore[method-assign]
+    module.clip_gradients = lambda *a, **k: None  # type: ignore[method-assign]
+    module.log_dict = lambda *a, **k: None  # type: ignore[method-assign]
+    module.log = lambda *a, **k: None  # type: ignore[method-assign]
+    return module
+
+
+@pytest.mark.parametrize("estimator", ["es_single", "pes"])
+def test_batched_unroll_gives_the_per_task_estimate(estimator):
+    """The same seeds through both paths: the same meta-parameters after several meta-steps (tasks of
+    8 to 30 steps ending inside 12-step truncations, gradient noise on half of them), the same
+    particles, to float tolerance."""
+    modules = {mode: _module(mode, estimator) for mode in ("per_task", "batched")}
+    restarts = 0
+    for k in range(5):
+        seeds = torch.arange(100 + 3 * k, 103 + 3 * k)
+        before = [id(s) for s in modules["batched"].slots]
+        for m in modules.values():
+            m.training_step({"index": torch.tensor(k), "seeds": seeds}, k)
+        restarts += sum(a != id(s) for a, s in zip(before, modules["batched"].slots))
+    assert restarts > 3  # tasks ended and restarted inside the run
+    ref, fast = modules["per_task"], modules["batched"]
+    torch.testing.assert_close(flat_meta_parameters(fast.lopt), flat_meta_parameters(ref.lopt), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(flat_meta_parameters(fast.lopt), flat_meta_parameters(_module("per_task", estimator).lopt))
+    for a, b in zip(ref.slots, fast.slots):
+        assert (a.seed, a.steps_done) == (b.seed, b.steps_done)
+        torch.testing.assert_close(b.point, a.point, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b.state.log_lr, a.state.log_lr, rtol=1e-4, atol=1e-4)
+        assert torch.equal(a.dead, b.dead)
+
+
+def test_batched_unroll_with_progress_input_and_diagnostics():
+    """Per-particle training progress and the first step's diagnostics match the reference."""
+    lopt = HierarchicalRNN(progress_input=True, log_lr_bounds=(-14.0, 0.0))
+    ref_mod, fast_mod = _module("per_task", "es_single"), _module("batched", "es_single")
+    slots_ref = [ref_mod.new_particle_slot(s) for s in (7, 8)]
+    slots_fast = [fast_mod.new_particle_slot(s) for s in (7, 8)]
+    theta = flat_meta_parameters(lopt)
+    eps = [0.01 * torch.randn(2, theta.numel(), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    perturbed = [antithetic(theta, e) for e in eps]
+    ref = [unroll_particles(lopt, s, p, 6, 1.0, diagnostics=i == 0) for i, (s, p) in enumerate(zip(slots_ref, perturbed))]
+    losses, steps, diag = unroll_particle_slots(lopt, slots_fast, perturbed, 6, 1.0, diagnostics=True)
+    for (l_ref, ran, _), l_fast, ran_fast in zip(ref, losses, steps):
+        assert ran == ran_fast
+        torch.testing.assert_close(l_fast, l_ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(slots_ref, slots_fast):
+        torch.testing.assert_close(b.point, a.point, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(diag.log_step_size, ref[0][2].log_step_size)
+    torch.testing.assert_close(diag.h_global, ref[0][2].h_global)
+
+
+def test_es_unroll_is_validated():
+    with pytest.raises(ValueError, match="es_unroll"):
+        MetaTrainingModule(gradient_estimator="es_single", es_unroll="fast")
+
+
+def test_throughput_benchmark_runs_both_unrolls_on_a_config(tmp_path, capsys):
+    """The benchmark builds both modules from a config and prints their rates and ratio."""
+    from lightning_lopt.bench import es_throughput
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "model:\n  init_args:\n    tasks:\n      init_args:\n        family_weights: {quadratic: 1.0, mlp: 1.0}\n"
+        "    tasks_per_step: 2\n    gradient_estimator: es_single\n    pes_pairs: 1\n"
+        "    truncation_length: 5\n    task_lengths: [4, 12]\n"
+    )
+    es_throughput.main(["--config", str(config), "--rounds", "2", "--meta-steps", "2"])
+    out = capsys.readouterr().out
+    assert "| per_task |" in out and "| batched |" in out and "batched / per_task:" in out
