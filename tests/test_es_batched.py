@@ -174,3 +174,28 @@ def test_throughput_benchmark_runs_both_unrolls_on_a_config(tmp_path, capsys):
     es_throughput.main(["--config", str(config), "--rounds", "2", "--meta-steps", "2"])
     out = capsys.readouterr().out
     assert "| per_task |" in out and "| batched |" in out and "batched / per_task:" in out
+
+
+def test_shared_gradient_draws_equal_the_per_particle_transform():
+    """Noise and sparsity drawn once for all particles equal each particle's own transform run from
+    the same generator state, and leave the generator where one transform leaves it."""
+    from lightning_lopt.meta.pes import ParticleSlot, _transform_particle_grads
+    from lightning_lopt.tasks import GradientNoise, QuadraticTask, SparseGradients
+
+    task = SparseGradients(GradientNoise(QuadraticTask(dim=6, seed=1), noise=0.5), drop_prob=0.5)
+    shapes = [p.shape for p in task.init_params(torch.Generator().manual_seed(0))]
+    grads = torch.randn(4, sum(s.numel() for s in shapes))
+    gen = torch.Generator().manual_seed(3)
+    slot = ParticleSlot(seed=0, task=task, length=10, shapes=shapes, generator=gen, point=grads.clone(),
+                        state=None, initial_loss=torch.tensor(1.0))  # type: ignore[arg-type]
+    start = gen.get_state()
+    shared = _transform_particle_grads(slot, grads)
+    after = gen.get_state()
+    rows = []
+    for i in range(4):
+        gen.set_state(start)
+        parts = task.transform_grads([v.view(s) for v, s in zip(grads[i].split([s.numel() for s in shapes]), shapes)], gen)
+        rows.append(torch.cat([p.reshape(-1) for p in parts]))
+    assert torch.equal(shared, torch.stack(rows))
+    assert torch.equal(after, gen.get_state())
+    assert (shared == 0).any() and not torch.equal(shared, grads)

@@ -205,9 +205,46 @@ def _start_particles(lopt: HierarchicalRNN, slot: ParticleSlot, params: dict[str
     )
 
 
+def _shared_draws(task: Task, grads: list[Tensor], generator: torch.Generator) -> Optional[list[Tensor]]:
+    """The built-in gradient transforms (:class:`~lightning_lopt.tasks.Task`'s noise, the wrappers'
+    noise and sparsity) of every particle at once, ``grads`` with a leading particle dimension: each
+    draw is made once, with one particle's shapes, in the order a single transform makes it, and
+    broadcast. None for a transform this does not know (the caller then runs it particle by particle)."""
+    from lightning_lopt.tasks.wrappers import SparseGradients, TaskWrapper
+
+    impl = type(task).transform_grads
+    if impl is SparseGradients.transform_grads:
+        inner = _shared_draws(task.task, grads, generator)  # type: ignore[attr-defined]
+        if inner is None:
+            return None
+        inner = _noise(task, inner, generator)
+        return [g * (torch.rand(g.shape[1:], generator=generator) >= task.drop_prob).to(device=g.device, dtype=g.dtype)
+                for g in inner]
+    if impl is TaskWrapper.transform_grads:
+        inner = _shared_draws(task.task, grads, generator)  # type: ignore[attr-defined]
+        return None if inner is None else _noise(task, inner, generator)
+    if impl is Task.transform_grads:
+        return _noise(task, grads, generator)
+    return None
+
+
+def _noise(task: Task, grads: list[Tensor], generator: torch.Generator) -> list[Tensor]:
+    """:meth:`Task.transform_grads`' additive noise, drawn once for all particles."""
+    if task.gradient_noise <= 0:
+        return grads
+    return [g + task.gradient_noise * torch.randn(g.shape[1:], generator=generator, dtype=g.dtype).to(g.device)
+            for g in grads]
+
+
 def _transform_particle_grads(slot: ParticleSlot, grads: Tensor) -> Tensor:
     """The task's gradient transform (noise, sparsity) with the same draws for every particle."""
     split = [math.prod(s) for s in slot.shapes]
+    stacked = [v.reshape(grads.shape[0], *s) for v, s in zip(grads.split(split, dim=1), slot.shapes)]
+    shared = _shared_draws(slot.task, stacked, slot.generator)
+    if shared is not None:
+        if all(a is b for a, b in zip(shared, stacked)):
+            return grads  # the identity: nothing drawn, nothing changed
+        return torch.cat([t.reshape(grads.shape[0], -1) for t in shared], 1)
 
     def one(g: Tensor) -> list[Tensor]:
         return slot.task.transform_grads([v.view(s) for v, s in zip(g.split(split), slot.shapes)], slot.generator)

@@ -257,7 +257,9 @@ class MLPTask(_DataTask):
     def loss(self, params: Sequence[Tensor], batch: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
         """Mean cross-entropy of the MLP's logits."""
         x, y = self._data(batch)
-        return F.cross_entropy(self._forward(params, x), y)
+        # cross_entropy written out: under vmap (meta-training's particles) F.cross_entropy has no
+        # batching rule and runs a slow decomposition; log_softmax and gather have one.
+        return -F.log_softmax(self._forward(params, x), dim=-1).gather(-1, y.unsqueeze(-1)).mean()
 
 
 class DeepReLUMLPTask(MLPTask):
