@@ -337,6 +337,9 @@ class HierarchicalRNN(nn.Module):
             does). An unknown horizon gives all-zero features, a pattern no known horizon
             produces (each ``x`` drives most features to +-1). Needs ``hierarchy``.
         progress_centers: Centres of the training-progress embedding.
+        max_update_ratio: A trust-ratio bound: each tensor's update is scaled down, where needed, so
+            that its norm is at most this fraction of the tensor's norm before the step (tensors of
+            norm zero, such as zero-initialised biases, are not bound). None: no bound.
         gate_bias: Initial gate bias of all GRUs.
         shortcut_init: Mean of the initial shortcut weights from rescaled momenta to directions.
         shortcut_init_std: Standard deviation of that initialisation.
@@ -361,6 +364,7 @@ class HierarchicalRNN(nn.Module):
         attention: bool = True,
         hierarchy: bool = True,
         progress_input: bool = False,
+        max_update_ratio: Optional[float] = None,
         progress_centers: tuple[float, ...] = PROGRESS_CENTERS,
         gate_bias: float = 2.2,
         shortcut_init: float = 0.25,
@@ -392,6 +396,7 @@ class HierarchicalRNN(nn.Module):
             attention=attention,
             hierarchy=hierarchy,
             progress_input=progress_input,
+            max_update_ratio=max_update_ratio,
             progress_centers=[float(c) for c in progress_centers],
             gate_bias=gate_bias,
             shortcut_init=shortcut_init,
@@ -409,6 +414,9 @@ class HierarchicalRNN(nn.Module):
         self.attention = attention
         self.hierarchy = hierarchy
         self.progress_input = progress_input
+        if max_update_ratio is not None and not max_update_ratio > 0:
+            raise ValueError(f"max_update_ratio must be positive or None, got {max_update_ratio}.")
+        self.max_update_ratio = None if max_update_ratio is None else float(max_update_ratio)
         self.progress_centers = tuple(float(c) for c in progress_centers)
         self.num_timescales = K = num_timescales
         self.log_lr_bounds = (float(log_lr_bounds[0]), float(log_lr_bounds[1]))
@@ -788,9 +796,21 @@ class HierarchicalRNN(nn.Module):
                                                                  reducer, progress, rows_t)
         else:
             new_h_tensor, new_h_global = h_tensor, h_global
+        theta_old = state.theta if self.attention else point
+        if self.max_update_ratio is not None:
+            # The update of a tensor is rs_d * step_d, element by element (step_d holds the lr).
+            step_d = full[7] if new is None else scratch.ud
+            squares = torch.zeros(t_count, 2, dtype=dtype, device=point.device).index_add_(
+                0, tid, torch.stack([step_d.to(dtype).square(), theta_old.to(dtype).square()], 1))
+            if reducer is not None:
+                squares = reducer.tensor_sums(squares)
+            norms = squares.sqrt()
+            limit = self.max_update_ratio * norms[:, 1]
+            update = rs_d * norms[:, 0]
+            scale = torch.where((limit > 0) & (update > limit), limit / update, torch.ones_like(update))
+            rs_d, rs_a = rs_d * scale, rs_a * scale
         update_table = torch.stack([rs_d, rs_a, lr_t * wd_t], 1)
 
-        theta_old = state.theta if self.attention else point
         sd = state.momentum.dtype
         if new is None:
             h_c, m_c, v_c, bi, bsc, llr, lls, ud, ua, red = full

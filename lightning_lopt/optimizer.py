@@ -201,6 +201,10 @@ class HierarchicalRNNOptimizer(Optimizer):
             without that input ignore it. Settable later as the attribute of the same name; in a
             Trainer, lightning_lopt.callbacks.TrainingProgress sets it from
             trainer.estimated_stepping_batches.
+        max_update_ratio: Trust-ratio bound of the update rule: each tensor's update is at most
+            this fraction of the tensor's norm (tensors of norm zero are not bound); inf turns a
+            bound off. None: the weights' own setting (``max_update_ratio`` in their config; the
+            shipped default weights carry one).
 
     Sharded parameters (DTensors from ``fully_shard``, ``Shard`` or ``Replicate`` on one 1-D mesh)
     are stepped shard by shard; each rank keeps state for its local shard only, and the per-tensor
@@ -226,6 +230,7 @@ class HierarchicalRNNOptimizer(Optimizer):
         backend: str = "auto",
         problem_group: Optional[Any] = None,
         total_steps: Optional[int] = None,
+        max_update_ratio: Optional[float] = None,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning-rate multiplier lr={lr}: it must be >= 0.")
@@ -233,6 +238,13 @@ class HierarchicalRNNOptimizer(Optimizer):
             raise ValueError(f"Invalid weight_decay={weight_decay}: it must be >= 0.")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         self.lopt = load_weights(weights)
+        if max_update_ratio is not None:
+            if not max_update_ratio > 0:
+                raise ValueError(f"Invalid max_update_ratio={max_update_ratio}: it must be > 0 (inf: no bound).")
+            if isinstance(weights, HierarchicalRNN):
+                raise ValueError("Set max_update_ratio on the HierarchicalRNN passed as weights, not here.")
+            self.lopt.max_update_ratio = None if math.isinf(max_update_ratio) else float(max_update_ratio)
+            self.lopt.config["max_update_ratio"] = self.lopt.max_update_ratio
         if not isinstance(weights, HierarchicalRNN):  # a module passed in may be under meta-training: leave it be
             for p in self.lopt.parameters():
                 p.requires_grad_(False)
