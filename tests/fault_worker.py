@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from test_meta import QuadDistribution  # noqa: E402
 
+from lightning_lopt.callbacks import CheckpointOnInterrupt  # noqa: E402
 from lightning_lopt.checkpoint_io import AtomicCheckpointIO  # noqa: E402
 from lightning_lopt.meta import MetaTrainingModule, TaskDataModule  # noqa: E402
 
@@ -91,6 +92,8 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--step-sleep", type=float, default=0.0)
     parser.add_argument("--crash-mid-write", action="store_true")
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--on-interrupt", action="store_true", help="with CheckpointOnInterrupt")
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -103,7 +106,11 @@ def main() -> None:
         pl.seed_everything(0)
         module = _module(estimator)
         progress = Progress(args.out / f"progress_{estimator}.txt", args.step_sleep)
-        trainer = _trainer(args.out, args.max_steps, args.every, [progress], ckpt_dir=f"ckpt_{estimator}")
+        callbacks: list = [progress]
+        if args.on_interrupt:
+            callbacks.append(CheckpointOnInterrupt(str(args.out / f"ckpt_{estimator}")))
+        trainer = _trainer(args.out, args.max_steps, args.every, callbacks, ckpt_dir=f"ckpt_{estimator}",
+                           devices=args.devices)
         trainer.fit(module, TaskDataModule(tasks_per_step=2), ckpt_path="last" if args.resume else None)
         torch.save(module.lopt.state_dict(), args.out / f"final_{estimator}_rank{trainer.global_rank}.pt")
 

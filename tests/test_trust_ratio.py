@@ -76,3 +76,13 @@ def test_optimizer_sets_or_lifts_the_bound():
     assert step_norm(max_update_ratio=0.05) == pytest.approx(0.05, rel=1e-4)
     with pytest.raises(ValueError, match="max_update_ratio"):
         HierarchicalRNNOptimizer([torch.nn.Parameter(torch.ones(2))], max_update_ratio=-1.0)
+
+
+def test_sweep_prints_a_row_per_task_with_each_bound(capsys):
+    from lightning_lopt.bench import trust_sweep
+
+    trust_sweep.main(["--tasks", "d", "--ratios", "none,0.01", "--seeds", "1", "--steps-scale", "0.02"])
+    out = capsys.readouterr().out
+    assert "| task | Adam 1e-3 | bound none | bound 0.01 |" in out
+    row = next(line for line in out.splitlines() if line.startswith("| d "))
+    assert len(row.split("|")) == 6 and all(float(c) > 0 for c in row.split("|")[2:5])
