@@ -11,6 +11,7 @@ loggers (scalars; histograms on TensorBoard too) and writes PNG figures at the e
 import argparse
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from lightning_lopt import HierarchicalRNNOptimizer
@@ -32,6 +33,8 @@ def main() -> None:
     parser.add_argument("--interval", type=int, default=50, help="log the optimizer's internals every N steps")
     parser.add_argument("--online", action="store_true", help="stream to W&B instead of writing an offline run")
     args = parser.parse_args()
+    # A small model: one CPU thread is faster than torch's pool of all cores (lightning-lopt does the same).
+    torch.set_num_threads(1)
 
     pl.seed_everything(0)
     logger = WandbLogger(project="lightning-lopt", save_dir=".", offline=not args.online)

@@ -9,9 +9,11 @@ Examples::
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 import warnings
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -28,6 +30,9 @@ __all__ = ["LightningLoptCLI", "build_cli", "main"]
 # meant to replace, so LightningCLI's "will be overridden" warning is noise for them.
 _FALLBACK_OPTIMIZER_MODELS = "|".join(models.__all__)
 
+SMALL_MODEL = 1_000_000
+"""Models with fewer parameters train on one CPU thread under ``torch_num_threads: auto``."""
+
 
 class LightningLoptCLI(LightningCLI):
     """LightningCLI that reports the final validation metrics after ``fit`` and writes checkpoints atomically.
@@ -36,25 +41,30 @@ class LightningLoptCLI(LightningCLI):
     written by :class:`~lightning_lopt.checkpoint_io.AtomicCheckpointIO`, so that a run killed
     while saving still resumes with ``--ckpt_path last``.
 
-    It adds one top-level option, ``torch_num_threads``: small models gain little from several
-    CPU threads, and on a busy machine the threads of each operation wait for one another, which
-    can make a run several times slower.
+    It adds one top-level option, ``torch_num_threads``. Its default, ``auto``, runs a CPU fit of a
+    model under :data:`SMALL_MODEL` parameters on one thread: the operations of a small model are
+    too short to split, and torch's intra-op pool then costs more than it gains (several times
+    the run time on a busy 2-core machine, for Adam as for the learned optimizer).
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Add ``--torch_num_threads``."""
         parser.add_argument(
             "--torch_num_threads",
-            type=Optional[int],
-            default=None,
-            help="CPU threads for torch operations (torch.set_num_threads); null keeps torch's default.",
+            type=Union[int, Literal["auto"], None],
+            default="auto",
+            help="CPU threads for torch operations (torch.set_num_threads): a number; auto (one thread for a model "
+                 f"under {SMALL_MODEL:,} parameters, else torch's default); null keeps torch's default.",
         )
 
     def before_instantiate_classes(self) -> None:
-        """Apply ``torch_num_threads`` before anything is built."""
-        threads = self.config.get(str(self.subcommand), self.config).get("torch_num_threads")
-        if threads is not None:
+        """Apply a numeric ``torch_num_threads`` before anything is built."""
+        threads = self._threads_setting()
+        if isinstance(threads, int):
             torch.set_num_threads(threads)
+
+    def _threads_setting(self) -> Any:
+        return self.config.get(str(self.subcommand), self.config).get("torch_num_threads")
 
     def instantiate_classes(self) -> None:
         """Instantiate the classes, without the override warning for models with a fallback optimizer."""
@@ -63,6 +73,10 @@ class LightningLoptCLI(LightningCLI):
                 "ignore", message=rf"`({_FALLBACK_OPTIMIZER_MODELS})\.configure_optimizers` will be overridden"
             )
             super().instantiate_classes()
+        if self._threads_setting() == "auto":
+            count = sum(p.numel() for p in self.model.parameters())
+            if count < SMALL_MODEL and self.trainer.strategy.root_device.type == "cpu":
+                torch.set_num_threads(1)
         strategy = self.trainer.strategy
         # Lightning's plain default writes the same files non-atomically; any other checkpoint IO is kept.
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
@@ -129,13 +143,32 @@ def build_cli(args: ArgsType = None, run: bool = True, **kwargs: Any) -> Lightni
     )
 
 
+TRACEBACK_ENV = "LIGHTNING_LOPT_TRACEBACK"
+"""Set to 1 to see the full traceback of a bad value instead of its one-line message."""
+
+
 def main(args: ArgsType = None) -> None:
     """Entry point of the ``lightning-lopt`` command (``fit``, ``validate``, ``test``, ``predict``).
+
+    A bad value (an invalid option, a missing weights file) ends the command with one line saying
+    what is wrong and what to do, and exit status 2; ``--traceback`` (or ``LIGHTNING_LOPT_TRACEBACK=1``)
+    shows the full traceback instead.
 
     Args:
         args: Command-line arguments; default ``sys.argv[1:]``.
     """
-    build_cli(args)
+    argv = list(sys.argv[1:] if args is None else args)
+    show = "--traceback" in argv or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != "--traceback"]
+    try:
+        build_cli(argv)
+    except (ValueError, FileNotFoundError) as err:
+        if show:
+            raise
+        message = str(err).strip() or type(err).__name__
+        print(f"lightning-lopt: error: {message}\n(--traceback or {TRACEBACK_ENV}=1 shows where it was raised)",
+              file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

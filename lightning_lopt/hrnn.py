@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -960,6 +961,11 @@ class HierarchicalRNN(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(tensors, str(path), metadata={"format": "lightning_lopt.hrnn", "config": json.dumps(self.config)})
+        # safetensors writes through a private temporary file (mode 0600); give the weights the
+        # mode of an ordinary file, as their card gets.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)
         full_card = {"format": "lightning_lopt.hrnn", "config": self.config, **(card or {})}
         path.with_suffix(".json").write_text(json.dumps(full_card, indent=2) + "\n")
         return path

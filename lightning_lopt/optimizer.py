@@ -172,9 +172,10 @@ class HierarchicalRNNOptimizer(Optimizer):
         weight_decay: Decoupled weight decay; each step shrinks parameters by lr * weight_decay.
         seed: Seed of the random initial per-element learning rates in the state.
         state_dtype: Floating point type of the state buffers: torch.float32 (default),
-            torch.bfloat16 (half the state) or torch.float64. The true parameters kept with
-            attention stay in the compute precision: float64 when any parameter is float64 (the
-            step then runs eagerly in float64), else float32.
+            torch.bfloat16 (half the state) or torch.float64; also as a string, "bfloat16" or
+            "torch.bfloat16". The true parameters kept with attention stay in the compute
+            precision: float64 when any parameter is float64 (the step then runs eagerly in
+            float64), else float32.
         chunk_size: Elements per chunk of the step's eager element-level part (0: one chunk;
             None: lightning_lopt.hrnn.DEFAULT_CHUNK on CPU, where chunks stay in cache, and
             GPU_CHUNK of this module on a GPU, where each chunk costs a few dozen kernel launches).
@@ -225,7 +226,7 @@ class HierarchicalRNNOptimizer(Optimizer):
         lr: float = 1.0,
         weight_decay: float = 0.0,
         seed: int = 0,
-        state_dtype: Optional[torch.dtype] = None,
+        state_dtype: Union[torch.dtype, str, None] = None,
         chunk_size: Optional[int] = None,
         backend: str = "auto",
         problem_group: Optional[Any] = None,
@@ -249,6 +250,8 @@ class HierarchicalRNNOptimizer(Optimizer):
             for p in self.lopt.parameters():
                 p.requires_grad_(False)
         self.seed = seed
+        if isinstance(state_dtype, str):  # "bfloat16" or "torch.bfloat16", as a config writes it
+            state_dtype = getattr(torch, state_dtype.removeprefix("torch."), state_dtype)
         if state_dtype is not None and state_dtype not in STATE_DTYPES:
             raise ValueError(
                 f"Invalid state_dtype={state_dtype!r}: the state holds floating point values; use one of "

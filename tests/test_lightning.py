@@ -558,3 +558,48 @@ def test_training_progress_callback_sets_the_horizon(tmp_path: Path, given: Opti
     trainer = _trainer(tmp_path, max_epochs=1, callbacks=[TrainingProgress(), EvalWithTrueParameters()])
     trainer.fit(kept)
     assert _hrnn(trainer).total_steps == 50
+
+
+@pytest.mark.parametrize("setting, expected", [([], 1), (["--torch_num_threads=null"], 2), (["--torch_num_threads=2"], 2)])
+def test_thread_default_is_one_for_a_small_model_on_cpu(setting, expected, tmp_path: Path, cli_argv: None) -> None:
+    """torch_num_threads: auto (the default) runs a small model on one thread; null keeps torch's setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cli = build_cli(["-c", str(CONFIGS / "mnist1d_hrnn_wandb.yaml"), f"--trainer.default_root_dir={tmp_path}",
+                         "--trainer.logger=false", "--trainer.callbacks=[]", *setting], run=False)
+        assert torch.get_num_threads() == expected
+        assert cli.config.torch_num_threads == ("auto" if not setting else (None if "null" in setting[0] else 2))
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    "option, says",
+    [("--optimizer.init_args.lr=-1", "lr=-1.0"), ("--optimizer.init_args.weights=missing.safetensors", "does not exist"),
+     ("--optimizer.init_args.backend=cuda", "backend")],
+)
+def test_bad_values_end_with_one_message_and_no_traceback(
+    option, says, tmp_path: Path, capsys, monkeypatch, cli_argv: None
+) -> None:
+    """The entry point reports a bad value in a line (exit status 2); --traceback re-raises it."""
+    from lightning_lopt.cli import main
+
+    monkeypatch.delenv("LIGHTNING_LOPT_TRACEBACK", raising=False)
+    argv = ["fit", "-c", str(CONFIGS / "mnist1d_hrnn.yaml"), f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_steps=1", "--trainer.logger=false", "--trainer.enable_progress_bar=false", option]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "lightning-lopt: error:" in err and says in err and "Traceback" not in err
+    with pytest.raises((ValueError, FileNotFoundError)):
+        main([*argv, "--traceback"])
+
+
+def test_state_dtype_takes_plain_names_in_configs(tmp_path: Path) -> None:
+    for name in ("bfloat16", "torch.bfloat16", "float32"):
+        opt = HierarchicalRNNOptimizer([torch.nn.Parameter(torch.ones(3))], state_dtype=name)
+        assert opt.state_dtype == getattr(torch, name.removeprefix("torch."))
+    with pytest.raises(ValueError, match="float16|bfloat16"):
+        HierarchicalRNNOptimizer([torch.nn.Parameter(torch.ones(3))], state_dtype="int8")

@@ -404,3 +404,28 @@ def test_export_records_the_validation_scores_in_the_card(tmp_path):
     (seed, steps), = validation_tasks(1)
     assert card["selection_score"] == score
     assert card["tasks"] == [{"seed": seed, "steps": steps, "log_ratio_vs_adam": ratios[0], "verdict": verdicts[0]}]
+
+
+def test_export_prints_its_validation_table_and_writes_files_of_one_mode(tmp_path, capsys):
+    """The command prints the scores it writes into the card; the weights file and the card share
+    the ordinary file mode; the card holds no callback score of another checkpoint."""
+    import json
+    import stat
+
+    from lightning_lopt.meta.export import main as export_main
+
+    module = _small_module()
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, TaskDataModule(tasks_per_step=3))
+    ckpt = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(ckpt)
+    export_main([str(ckpt), str(tmp_path / "w.safetensors"), "--validate"])
+    out = capsys.readouterr().out
+    card = json.loads((tmp_path / "w.json").read_text())
+    task = card["validation"]["tasks"][0]
+    assert f"| {task['seed']} | {task['steps']} | {task['log_ratio_vs_adam']:+.3f} |" in out
+    assert f"selection score: {card['validation']['selection_score']:.3f}" in out
+    assert "checkpoint_selection" not in card
+    modes = {stat.S_IMODE((tmp_path / name).stat().st_mode) for name in ("w.safetensors", "w.json")}
+    assert len(modes) == 1

@@ -38,6 +38,10 @@ def export_checkpoint(
             to Adam 1e-3 and verdict in the card (``validation``).
         num_validation_tasks: How many validation tasks ``validate`` scores.
 
+    The card records no score from the checkpoint's callbacks: a ``ModelCheckpoint``'s
+    ``current_score`` is the last monitored value when the file was written, which for
+    ``last.ckpt`` may belong to another step. ``validate`` scores the exported weights themselves.
+
     Returns:
         The safetensors path.
     """
@@ -49,12 +53,6 @@ def export_checkpoint(
         "meta_steps": int(raw.get("global_step", 0)),
         "meta_training": json.loads(json.dumps(hparams, default=str)),
     }
-    for cb_key, cb_state in raw.get("callbacks", {}).items():
-        if "ModelCheckpoint" in cb_key and cb_state.get("current_score") is not None:
-            info["checkpoint_selection"] = {
-                "monitor": cb_state.get("monitor"),
-                "score": float(cb_state["current_score"]),
-            }
     if validate:
         from lightning_lopt.meta.select import score_checkpoints, validation_tasks
 
@@ -84,6 +82,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     card = json.loads(Path(args.card).read_text()) if args.card else None
     path = export_checkpoint(args.checkpoint, args.output, card, validate=args.validate)
     print(f"wrote {path} and {path.with_suffix('.json')}")
+    if args.validate:
+        validation = json.loads(path.with_suffix(".json").read_text())["validation"]
+        print(format_validation(validation))
+
+
+def format_validation(validation: dict[str, Any]) -> str:
+    """The card's ``validation`` entry as a table: each task's log ratio to Adam and verdict, then the score."""
+    lines = ["| task seed | steps | log(final / Adam's final) | verdict |", "| --- | ---: | ---: | --- |"]
+    for task in validation["tasks"]:
+        lines.append(f"| {task['seed']} | {task['steps']} | {task['log_ratio_vs_adam']:+.3f} | {task['verdict'] or 'ok'} |")
+    lines.append(f"selection score: {validation['selection_score']:.3f} (lower is better; +100 per stalled or "
+                 "diverged task)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
