@@ -9,20 +9,24 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	# Triton (the [gpu] extra) too, the version torch 2.13.0's CUDA build pins: the suite runs its
-	# kernels in Triton's interpreter on the CPU (tests/test_triton.py).
-	$(PY) -m pip install --quiet triton==3.7.1
 	$(PY) -m pip install --quiet -e ".[dev]"
 	-$(VENV)/bin/lightning-lopt-build-kernel
 	touch $@
 
-.PHONY: install demo test bench-speed
+# The suite also needs Triton (the [gpu] extra, the version torch 2.13.0's CUDA build pins): it runs
+# the GPU kernels in Triton's interpreter on the CPU (tests/test_triton.py). The demo does not.
+$(VENV)/.test-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet triton==3.7.1
+	touch $@
+
+.PHONY: install install-test demo test bench-speed
 install: $(VENV)/.installed
+install-test: $(VENV)/.test-installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/lightning-lopt fit -c configs/mnist1d_hrnn.yaml
 
-test: $(VENV)/.installed
+test: $(VENV)/.test-installed
 	$(PY) -m pytest -q -n 2 tests
 
 bench-speed: $(VENV)/.installed

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_lopt import models
 from lightning_lopt.checkpoint_io import AtomicCheckpointIO
+from lightning_lopt.quiet import quiet_third_party
 
 __all__ = ["LightningLoptCLI", "build_cli", "main"]
 
@@ -157,11 +158,13 @@ def main(args: ArgsType = None) -> None:
     Args:
         args: Command-line arguments; default ``sys.argv[1:]``.
     """
-    argv = list(sys.argv[1:] if args is None else args)
+    quiet_third_party()
+    argv = sys.argv[1:] if args is None else list(args)
     show = "--traceback" in argv or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
-    argv = [a for a in argv if a != "--traceback"]
+    while "--traceback" in argv:
+        argv.remove("--traceback")  # from sys.argv itself when args is None: LightningCLI reads it there
     try:
-        build_cli(argv)
+        build_cli(args if args is None else argv)
     except (ValueError, FileNotFoundError) as err:
         if show:
             raise

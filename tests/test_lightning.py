@@ -603,3 +603,25 @@ def test_state_dtype_takes_plain_names_in_configs(tmp_path: Path) -> None:
         assert opt.state_dtype == getattr(torch, name.removeprefix("torch."))
     with pytest.raises(ValueError, match="float16|bfloat16"):
         HierarchicalRNNOptimizer([torch.nn.Parameter(torch.ones(3))], state_dtype="int8")
+
+
+def test_known_third_party_noise_is_filtered(caplog) -> None:
+    """quiet_third_party (the lightning-lopt command runs it) drops Lightning's package tips and the
+    LeafSpec deprecation that Lightning's pytree helper triggers, and nothing else."""
+    import logging
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    from lightning_lopt.quiet import quiet_third_party
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_third_party()
+        warnings.warn_explicit("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning,
+                               "_pytree.py", 21, module="lightning.pytorch.utilities._pytree")
+        warnings.warn("an unrelated warning", UserWarning)
+    assert [str(w.message) for w in caught] == ["an unrelated warning"]
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        rank_zero_info("💡 Tip: try installing something")
+        rank_zero_info("GPU available: False")
+    assert [r.getMessage() for r in caplog.records] == ["GPU available: False"]
