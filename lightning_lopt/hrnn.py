@@ -9,6 +9,7 @@ around it.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -739,14 +740,7 @@ class HierarchicalRNN(nn.Module):
                 sums, cst.attention, cst.ms_epsilon, cst.epsilon, cst.log_lr_low, cst.log_lr_high,
             )
         elif lanes:
-            bounds = starts.tolist()
-            parts = [
-                _element_update(cst, {k: v[i] for k, v in weights.items()}, grad[a:b], state.h_param[a:b],
-                                state.momentum[a:b], state.mean_square[a:b], state.beta_in[a:b], state.beta_sc[a:b],
-                                state.log_lr[a:b], tid[a:b], table, unrolled=False)
-                for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
-            ]
-            full = tuple(torch.cat(cols) for cols in zip(*parts))
+            full = _element_update_lanes(cst, weights, starts.tolist(), grad, state, tid, table)
             sums = sums.index_add(0, tid, full[-1])
         elif cpp is not None:
             cpp.element_update(
@@ -801,7 +795,8 @@ class HierarchicalRNN(nn.Module):
         if self.max_update_ratio is not None:
             # The update of a tensor is rs_d * step_d, element by element (step_d holds the lr).
             step_d = full[7] if new is None else scratch.ud
-            squares = torch.zeros(t_count, 2, dtype=dtype, device=point.device).index_add_(
+            # Out of place: under vmap (meta-training's particles) the sums are batched.
+            squares = torch.zeros(t_count, 2, dtype=dtype, device=point.device).index_add(
                 0, tid, torch.stack([step_d.to(dtype).square(), theta_old.to(dtype).square()], 1))
             if reducer is not None:
                 squares = reducer.tensor_sums(squares)
@@ -1165,6 +1160,38 @@ def _element_update(
         squares = outs[:, :1].square()
     reduce = torch.cat([h_new, z, squares], 1)
     return h_new, m, v, decays[:, 1], decays[:, 0], new_log_lr, log_lr_step, step_d, step_a, reduce
+
+
+def _element_update_lanes(
+    cst: _Constants,
+    w: dict[str, Tensor],
+    bounds: list[int],
+    grad: Tensor,
+    state: "HRNNState",
+    tensor_ids: Tensor,
+    table: Tensor,
+) -> tuple[Tensor, ...]:
+    """:func:`_element_update` for lanes of elements (``[bounds[i], bounds[i + 1])``) with their own
+    weights (``w`` with a leading lane dimension). Consecutive lanes of one size (the particles of
+    one task) run as one call vmapped over them, so the call count follows the tasks, not the lanes."""
+    fields = (grad, state.h_param, state.momentum, state.mean_square, state.beta_in, state.beta_sc, state.log_lr,
+              tensor_ids)
+    one = functools.partial(_element_update, cst, unrolled=False)
+    parts = []
+    lane = 0
+    lanes = len(bounds) - 1
+    while lane < lanes:
+        size = bounds[lane + 1] - bounds[lane]
+        end = lane + 1
+        while end < lanes and bounds[end + 1] - bounds[end] == size:
+            end += 1
+        a, b, count = bounds[lane], bounds[end], end - lane
+        inputs = [f[a:b].reshape(count, size, *f.shape[1:]) for f in fields]
+        group = {k: v[lane:end] for k, v in w.items()}
+        out = torch.func.vmap(lambda wg, *xs: one(wg, *xs, table))(group, *inputs)
+        parts.append(tuple(o.reshape(count * size, *o.shape[2:]) for o in out))
+        lane = end
+    return tuple(torch.cat(cols) for cols in zip(*parts))
 
 
 def _element_update_columns(

@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence, Union
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
+from torch.autograd.profiler import record_function
 
 from lightning_lopt.hrnn import HierarchicalRNN, HRNNState, Layout, StepDiagnostics, _read_weights
 from lightning_lopt.meta.pes import (
@@ -532,27 +533,29 @@ class MetaTrainingModule(pl.LightningModule):
 
     def _es_training_step(self, seeds: list[int]) -> Tensor:
         hp = self.hparams
-        for i, slot in enumerate(self.slots):
-            if slot is None or slot.finished:
-                if slot is not None and slot.dead is not None and bool(slot.dead.any()):
-                    self.inner_divergences += 1
-                self.slots[i] = self.new_particle_slot(seeds[i % len(seeds)], first=slot is None)
+        with record_function("es/new_tasks"):
+            for i, slot in enumerate(self.slots):
+                if slot is None or slot.finished:
+                    if slot is not None and slot.dead is not None and bool(slot.dead.any()):
+                        self.inner_divergences += 1
+                    self.slots[i] = self.new_particle_slot(seeds[i % len(seeds)], first=slot is None)
         start = time.perf_counter()
         theta = flat_meta_parameters(self.lopt)
         want_diag = self._wants_diagnostics()
         estimate = torch.zeros_like(theta)
         losses, deltas, used, inner_steps, diag = [], [], 0, 0, None
         perturbed = []
-        for slot in self.slots:
-            if hp.gradient_estimator == "es_single":
-                if slot.eps is None:
-                    slot.eps = self._perturbations(theta)
-                eps = slot.eps
-                slot.xi = eps
-            else:
-                eps = self._perturbations(theta)
-                slot.xi = eps.clone() if slot.steps_done == 0 or slot.xi is None else slot.xi + eps
-            perturbed.append(antithetic(theta, eps))
+        with record_function("es/perturbations"):
+            for slot in self.slots:
+                if hp.gradient_estimator == "es_single":
+                    if slot.eps is None:
+                        slot.eps = self._perturbations(theta)
+                    eps = slot.eps
+                    slot.xi = eps
+                else:
+                    eps = self._perturbations(theta)
+                    slot.xi = eps.clone() if slot.steps_done == 0 or slot.xi is None else slot.xi + eps
+                perturbed.append(antithetic(theta, eps))
         if hp.get("es_unroll", "batched") == "batched":
             results, ran_steps, diag = unroll_particle_slots(
                 self.lopt, self.slots, perturbed, hp.truncation_length, hp.meta_loss_max, diagnostics=want_diag
@@ -586,10 +589,12 @@ class MetaTrainingModule(pl.LightningModule):
             surrogate = sum(
                 (p * estimate[a:b].view_as(p)).sum() for p, a, b in zip(self.lopt.parameters(), offsets, offsets[1:])
             )
-            self._meta_update(surrogate)
+            with record_function("es/meta_update"):
+                self._meta_update(surrogate)
         else:
             self._meta_update(None)
-        self._log_step(inner_steps, time.perf_counter() - start, meta_loss, extra)
+        with record_function("es/logging"):
+            self._log_step(inner_steps, time.perf_counter() - start, meta_loss, extra)
         return meta_loss if meta_loss is not None else torch.tensor(float("nan"))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

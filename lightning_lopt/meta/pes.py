@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.profiler import record_function
 from torch.func import functional_call, grad_and_value, vmap
 
 from lightning_lopt.hrnn import HierarchicalRNN, HRNNState, Layout, StepDiagnostics
@@ -307,10 +308,12 @@ def unroll_particles(
     point, state = slot.point, slot.state
     ran = 0
     for t in range(steps):
-        batch = slot.task.sample_batch(slot.generator)
-        batch = _to_device(batch, point.device)
-        grads, _ = grads_and_losses(point, batch)
-        grads = _transform_particle_grads(slot, grads)
+        with record_function("es/task_gradients"):
+            batch = slot.task.sample_batch(slot.generator)
+            batch = _to_device(batch, point.device)
+            grads, _ = grads_and_losses(point, batch)
+        with record_function("es/gradient_transform"):
+            grads = _transform_particle_grads(slot, grads)
         finite_grad = torch.isfinite(grads).all(1)
         # A particle whose gradient is non-finite has diverged; zeros keep its lane harmless.
         grads = torch.where(finite_grad.unsqueeze(1), grads, torch.zeros_like(grads))
@@ -322,10 +325,10 @@ def unroll_particles(
                                  progress=progress).diagnostics
         # The step runs with grad mode on so that it takes its one-chunk reference path (its
         # inputs do not require grad, so no graph is recorded).
-        with torch.enable_grad():
+        with torch.enable_grad(), record_function("es/rule_step"):
             point, state = step(params, state, point, grads, progress)
         theta = state.theta if lopt.attention else point
-        with torch.no_grad():
+        with torch.no_grad(), record_function("es/task_losses"):
             losses = losses_at(theta, batch)
         finite = torch.isfinite(losses)
         if bool((losses[finite] < 0).any()):
@@ -457,11 +460,12 @@ def _run_lanes(
     for t in range(steps):
         batches, grads = [], []
         for slot, x, fn in zip(slots, views(point), loss_fns):
-            batch = _to_device(slot.task.sample_batch(slot.generator), device)
-            with torch.enable_grad():
+            with torch.enable_grad(), record_function("es/task_gradients"):
+                batch = _to_device(slot.task.sample_batch(slot.generator), device)
                 xg = x.detach().requires_grad_(True)
                 (g,) = torch.autograd.grad(fn(xg, batch).sum(), xg)
-            g = _transform_particle_grads(slot, g)
+            with record_function("es/gradient_transform"):
+                g = _transform_particle_grads(slot, g)
             finite_grad = torch.isfinite(g).all(1)
             slot.dead = slot.dead | ~finite_grad
             # A particle whose gradient is non-finite has diverged; zeros keep its lane harmless.
@@ -471,13 +475,14 @@ def _run_lanes(
         if lopt.progress_input:
             progress = torch.cat([torch.full((p,), (s.steps_done + t) / s.length, device=device)
                                   for s, p in zip(slots, pairs2)])
-        with torch.no_grad(), _reparametrize_module(lopt, params):
+        with torch.no_grad(), _reparametrize_module(lopt, params), record_function("es/rule_step"):
             out = lopt.step(state, point, torch.cat(grads), layout, progress=progress)
         point, state = out.point, out.state
         theta = state.theta if lopt.attention else point
         with torch.no_grad():
             for k, (slot, th, fn, batch) in enumerate(zip(slots, views(theta), loss_fns, batches)):
-                losses = fn(th, batch)
+                with record_function("es/task_losses"):
+                    losses = fn(th, batch)
                 finite = torch.isfinite(losses)
                 negative = negative | (torch.where(finite, losses, torch.zeros_like(losses)) < 0).any()
                 slot.dead = slot.dead | ~finite | ~torch.isfinite(th).all(1)
@@ -519,12 +524,20 @@ def _run_lanes(
 
 
 def _loss_fn(slot: ParticleSlot, sizes: list[int]) -> Any:
-    """The task's loss of each particle, ``(particles, n) -> (particles,)``, vmapped."""
+    """The task's loss of each particle, ``(particles, n) -> (particles,)``: the task's
+    :meth:`~lightning_lopt.tasks.Task.particle_loss` where it has one, else its loss vmapped."""
 
     def loss_of(flat: Tensor, batch: Any) -> Tensor:
         return slot.task.loss([v.view(s) for v, s in zip(flat.split(sizes), slot.shapes)], batch)
 
-    return vmap(loss_of, in_dims=(0, None))
+    vmapped = vmap(loss_of, in_dims=(0, None))
+
+    def losses(flat: Tensor, batch: Any) -> Tensor:
+        parts = [v.reshape(flat.shape[0], *s) for v, s in zip(flat.split(sizes, dim=1), slot.shapes)]
+        direct = slot.task.particle_loss(parts, batch)
+        return vmapped(flat, batch) if direct is None else direct
+
+    return losses
 
 
 def _progress(lopt: HierarchicalRNN, steps_done: int, length: int, like: Tensor) -> Optional[Tensor]:

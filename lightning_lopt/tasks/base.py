@@ -43,6 +43,13 @@ class Task:
         """Scalar loss >= 0 of ``params`` on ``batch``; differentiable in ``params``."""
         raise NotImplementedError
 
+    def particle_loss(self, params: Sequence[Tensor], batch: Any) -> Optional[Tensor]:
+        """:meth:`loss` of many parameter sets at once, for meta-training's particles: each tensor of
+        ``params`` has a leading particle dimension ``P``, and the result is ``(P,)``; the same
+        function as :meth:`loss`, without ``torch.func.vmap``'s per-call cost. None (the default)
+        when a task does not provide it: the caller then vmaps :meth:`loss`."""
+        return None
+
     def checked_loss(self, params: Sequence[Tensor], batch: Any) -> Tensor:
         """:meth:`loss`, raising :class:`NegativeLossError` when it is below zero."""
         value = self.loss(params, batch)

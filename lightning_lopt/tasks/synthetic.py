@@ -59,6 +59,13 @@ class QuadraticTask(Task):
         r = self.W @ params[0] - self.y
         return 0.5 * (r * r).sum()
 
+    def particle_loss(self, params: Sequence[Tensor], batch: Any = None) -> Optional[Tensor]:
+        """:meth:`loss` per particle, ``params[0]`` of shape ``(P, dim)``."""
+        if type(self).loss is not QuadraticTask.loss:
+            return None  # a subclass with its own loss (NormTask writes its own particle_loss)
+        r = params[0] @ self.W.T - self.y
+        return 0.5 * (r * r).sum(-1)
+
 
 class LargeQuadraticTask(QuadraticTask):
     """The paper's large quadratics (784-2048 dimensions); costly, so off by default in sampling.
@@ -127,6 +134,12 @@ class NormTask(QuadraticTask):
         """``sum_i |W x - y|_i^p``."""
         return (self.W @ params[0] - self.y).abs().pow(self.p).sum()
 
+    def particle_loss(self, params: Sequence[Tensor], batch: Any = None) -> Optional[Tensor]:
+        """:meth:`loss` per particle, ``params[0]`` of shape ``(P, dim)``."""
+        if type(self).loss is not NormTask.loss:
+            return None
+        return (params[0] @ self.W.T - self.y).abs().pow(self.p).sum(-1)
+
 
 class _DataTask(Task):
     """A task with a fixed training set ``(x, y)`` and uniform minibatches (with replacement).
@@ -186,6 +199,14 @@ class LogisticRegressionTask(_DataTask):
         """Mean binary cross-entropy of the logits ``x @ w + b``."""
         x, y = self._data(batch)
         return F.binary_cross_entropy_with_logits(x @ params[0] + params[1], y)
+
+    def particle_loss(self, params: Sequence[Tensor], batch: Optional[tuple[Tensor, Tensor]] = None) -> Optional[Tensor]:
+        """:meth:`loss` per particle: weights ``(P, features)``, biases ``(P, 1)``."""
+        if type(self).loss is not LogisticRegressionTask.loss:
+            return None
+        x, y = self._data(batch)
+        logits = params[0] @ x.T + params[1].reshape(params[1].shape[0], -1)  # bias (P, 1)
+        return F.binary_cross_entropy_with_logits(logits, y.expand_as(logits), reduction="none").mean(-1)
 
 
 class MLPTask(_DataTask):
@@ -260,6 +281,21 @@ class MLPTask(_DataTask):
         # cross_entropy written out: under vmap (meta-training's particles) F.cross_entropy has no
         # batching rule and runs a slow decomposition; log_softmax and gather have one.
         return -F.log_softmax(self._forward(params, x), dim=-1).gather(-1, y.unsqueeze(-1)).mean()
+
+    def particle_loss(self, params: Sequence[Tensor], batch: Optional[tuple[Tensor, Tensor]] = None) -> Optional[Tensor]:
+        """:meth:`loss` per particle: weights ``(P, out, in)``, biases ``(P, out)``."""
+        if type(self).loss is not MLPTask.loss or type(self)._forward is not MLPTask._forward:
+            return None
+        x, y = self._data(batch)
+        h = x
+        n_layers = len(params) // 2
+        for i in range(n_layers):
+            # (B, in) or (P, B, in) times (P, in, out): every particle's layer in one batched product.
+            h = torch.matmul(h, params[2 * i].transpose(-1, -2)) + params[2 * i + 1].unsqueeze(-2)
+            if i < n_layers - 1:
+                h = self._activation(h)
+        picked = F.log_softmax(h, dim=-1).gather(-1, y.view(1, -1, 1).expand(h.shape[0], -1, 1))
+        return -picked.mean((-2, -1))
 
 
 class DeepReLUMLPTask(MLPTask):

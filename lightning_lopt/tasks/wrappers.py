@@ -40,6 +40,12 @@ class TaskWrapper(Task):
         """The wrapped task's loss."""
         return self.task.loss(params, batch)
 
+    def particle_loss(self, params: Sequence[Tensor], batch: Any = None) -> Optional[Tensor]:
+        """The wrapped task's, where this wrapper leaves the loss as it is (else None)."""
+        if type(self).loss is not TaskWrapper.loss:
+            return None
+        return self.task.particle_loss(params, batch)
+
     def transform_grads(self, grads: Sequence[Tensor], generator: Optional[torch.Generator]) -> list[Tensor]:
         """The wrapped task's gradient transform, then this wrapper's own noise (if any)."""
         return super().transform_grads(self.task.transform_grads(grads, generator), generator)
