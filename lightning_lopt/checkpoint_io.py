@@ -113,3 +113,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"`storage_options` is not supported by {type(self).__name__}.")
         log.debug("Saving checkpoint atomically: %s", path)
         atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(
+        self, path: _PATH, map_location: Optional[Any] = None, weights_only: Optional[bool] = None
+    ) -> dict[str, Any]:
+        """Load ``path`` with every tensor on the CPU unless ``map_location`` says otherwise.
+
+        Lightning moves the model and optimizer states to the run's device afterwards, so a
+        checkpoint written on a GPU (a meta-training burst) resumes on a machine without one.
+        """
+        return super().load_checkpoint(path, map_location=map_location or "cpu", weights_only=weights_only)

@@ -204,7 +204,7 @@ class HierarchicalRNNOptimizer(Optimizer):
             trainer.estimated_stepping_batches.
         max_update_ratio: Trust-ratio bound of the update rule: each tensor's update is at most
             this fraction of the tensor's norm (tensors of norm zero are not bound); inf turns a
-            bound off. None: the weights' own setting (``max_update_ratio`` in their config; the
+            bound off. None: the weights' own setting (max_update_ratio in their config; the
             shipped default weights carry one).
 
     Sharded parameters (DTensors from ``fully_shard``, ``Shard`` or ``Replicate`` on one 1-D mesh)

@@ -12,7 +12,9 @@ It prints:
   the learned optimizer (eager and Triton backends, float32 and bfloat16 state) and
   ``torch.optim.AdamW(fused=True)`` in the same run, with the device's peak memory during the steps;
 * one TBPTT meta-training step (``run_inner`` on a ``MetaTrainingModule``'s tasks, backward,
-  meta-optimizer step) on the device, with its inner steps per second.
+  meta-optimizer step) on the device, with its inner steps per second;
+* the particle-steps per second of the GPU burst's ES recipe (``configs/meta_train_gpu_burst.yaml``:
+  thousands of particles per inner step through the batched unroll) on the device.
 
 The whole check is sized to finish in under 5 minutes on a GPU. With ``--device cpu`` and small
 ``--sizes``, ``--check-size`` and ``--meta-tasks`` it runs anywhere (that is how it is tested).
@@ -195,6 +197,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "below 1e3, three tensors instead of a model's mix)")
     parser.add_argument("--meta-tasks", type=int, default=8, help="tasks in the meta-training step (0: skip it)")
     parser.add_argument("--meta-steps", type=int, default=16, help="inner steps of the meta-training step")
+    parser.add_argument("--es-config", default="configs/meta_train_gpu_burst.yaml",
+                        help="meta-training config whose ES particle-steps/s to time on the device ('' skips it)")
+    parser.add_argument("--es-seconds", type=float, default=30.0, help="seconds of ES meta-steps to time")
+    parser.add_argument("--es-tasks", type=int, default=None, help="override the config's tasks_per_step")
+    parser.add_argument("--es-pairs", type=int, default=None, help="override the config's pes_pairs")
     args = parser.parse_args(argv)
     start = time.perf_counter()
 
@@ -257,8 +264,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print()
         print(f"TBPTT meta-training step: {args.meta_tasks} tasks x {args.meta_steps} inner steps, "
               f"{meta['seconds']:.2f} s, {meta['inner_steps_per_s']:.1f} inner steps/s, meta-loss {meta['meta_loss']:.3f}")
+    if args.es_config:
+        rate, particles = es_particle_steps(device, args.es_config, args.es_seconds, args.es_tasks, args.es_pairs)
+        print()
+        print(f"ES meta-training ({args.es_config}, batched unroll): {particles} particles per inner step, "
+              f"{rate:.0f} particle-steps/s on the device")
     print(f"total {time.perf_counter() - start:.0f} s")
     return 0 if ok else 1
+
+
+def es_particle_steps(
+    device: torch.device, config: str, seconds: float, tasks: Optional[int] = None, pairs: Optional[int] = None
+) -> tuple[float, int]:
+    """Particle-steps per second of a meta-training config's ES recipe on ``device`` (the batched
+    unroll), over meta-steps run for about ``seconds`` after an untimed first one; ``tasks`` and
+    ``pairs`` override the config's ``tasks_per_step`` and ``pes_pairs``."""
+    from lightning_lopt.bench.es_throughput import _detach_from_trainer, _round, module_from_config
+
+    overrides: dict = {"es_unroll": "batched", "num_threads": None}
+    if tasks:
+        overrides["tasks_per_step"] = tasks
+    if pairs:
+        overrides["pes_pairs"] = pairs
+    torch.manual_seed(0)
+    module = module_from_config(config, **overrides).to(device)
+    _detach_from_trainer(module)
+    _round(module, 0, 1)
+    _sync(device)
+    elapsed, steps, k = 0.0, 0, 1
+    while elapsed < seconds:
+        t, n = _round(module, k, 1)
+        _sync(device)
+        elapsed, steps, k = elapsed + t, steps + n, k + 1
+    return steps / elapsed, module.hparams.tasks_per_step * 2 * module.hparams.pes_pairs
 
 
 if __name__ == "__main__":

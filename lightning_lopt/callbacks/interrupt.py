@@ -20,8 +20,11 @@ class CheckpointOnInterrupt(OnExceptionCheckpoint):
     answers with a checkpoint. The first Ctrl-C (SIGINT) now does the same, instead of interrupting
     the step half-way (which would leave the tasks in flight, their random streams and the
     meta-parameters out of step with each other); a second Ctrl-C interrupts at once, as usual.
-    ``--ckpt_path last`` picks the newest of this checkpoint and ``ModelCheckpoint``'s ``last.ckpt``,
-    so a run resumes from where it was stopped. The file is removed when a fit ends normally.
+    A fit that stops early without an exception (the trainer's ``max_time``, early stopping) also
+    leaves this checkpoint, at the step where it stopped: ``ModelCheckpoint`` writes its
+    ``last.ckpt`` only every so many steps. ``--ckpt_path last`` picks the newest of this checkpoint
+    and ``ModelCheckpoint``'s ``last.ckpt``, so a run resumes from where it was stopped. The file
+    is removed when a fit runs to its end.
 
     Args:
         dirpath: Directory of the checkpoint (the ``ModelCheckpoint``'s, so that ``last`` finds it).
@@ -31,6 +34,7 @@ class CheckpointOnInterrupt(OnExceptionCheckpoint):
     def __init__(self, dirpath: str, filename: str = "interrupted") -> None:
         super().__init__(dirpath, filename)
         self._previous: Optional[Any] = None
+        self._keep = False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Route the first Ctrl-C to Lightning's end-of-step stop."""
@@ -50,10 +54,18 @@ class CheckpointOnInterrupt(OnExceptionCheckpoint):
         super().on_exception(trainer, *args, **kwargs)
         rank_zero_info(f"Saved {self.ckpt_path}; continue with --ckpt_path last.")
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Save where a fit stopped before ``max_steps`` (a time limit, early stopping)."""
+        self._keep = trainer.should_stop and 0 < trainer.max_steps and trainer.global_step < trainer.max_steps
+        if self._keep:
+            trainer.save_checkpoint(self.ckpt_path)
+            rank_zero_info(f"Stopped at step {trainer.global_step}: saved {self.ckpt_path}; continue with --ckpt_path last.")
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Restore the Ctrl-C handler; remove the checkpoint of an earlier interruption."""
+        """Restore the Ctrl-C handler; remove the checkpoint of an earlier stop unless this fit stopped early."""
         self._restore()
-        super().teardown(trainer, pl_module, stage)
+        if not self._keep:
+            super().teardown(trainer, pl_module, stage)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()

@@ -772,6 +772,14 @@ class MetaTrainingModule(pl.LightningModule):
             )
             return
         mine = ranks[rank]
+        if len(mine["slots"]) != self.hparams.tasks_per_step:
+            warnings.warn(
+                f"The checkpoint holds {len(mine['slots'])} tasks in flight per process, this run steps "
+                f"{self.hparams.tasks_per_step}: the meta-parameters, optimizer and stream resume, and tasks in "
+                "flight start afresh (not bit-exact).",
+                UserWarning,
+            )
+            return
         self.inner_divergences = int(mine["inner_divergences"])
         if mine["noise_generator"] is not None:
             self._noise_generator = torch.Generator()

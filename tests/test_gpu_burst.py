@@ -1,0 +1,62 @@
+"""The GPU burst config, run on the CPU with tiny settings: it stops itself at its time limit with a
+checkpoint in the campaign's directory, which the CPU campaign resumes, and the other way round."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_lopt.cli import build_cli
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+TINY = ["--model.init_args.tasks_per_step=2", "--data.init_args.tasks_per_step=2", "--model.init_args.pes_pairs=1",
+        "--model.init_args.truncation_length=3", "--model.init_args.task_lengths=[5,20]",
+        "--model.init_args.max_task_length=20", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false", "--trainer.val_check_interval=1000", "--trainer.num_sanity_val_steps=0",
+        "--data.init_args.num_validation_tasks=1", "--model.init_args.validation_lengths=[5]"]
+
+
+@pytest.fixture()
+def cli_argv(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr("sys.argv", ["lightning-lopt"])
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(tmp_path: Path, name: str) -> Path:
+    text = (CONFIGS / name).read_text().replace("runs/meta_classifiers", str(tmp_path / "run"))
+    out = tmp_path / name
+    out.write_text(text)
+    return out
+
+
+def _lopt(ckpt: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("lopt.")}
+
+
+def test_burst_stops_itself_and_the_campaign_resumes_it_and_back(tmp_path: Path, cli_argv: None) -> None:
+    burst, campaign = _config(tmp_path, "meta_train_gpu_burst.yaml"), _config(tmp_path, "meta_train_campaign.yaml")
+    last, stopped = tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "run" / "checkpoints" / "interrupted.ckpt"
+    cli = build_cli(["fit", "-c", str(burst), *TINY, "--trainer.max_time=00:00:00:04"])
+    steps = cli.trainer.global_step
+    assert cli.trainer.interrupted is False and steps >= 1 and stopped.exists()
+    after_burst = _lopt(stopped)
+    assert torch.load(stopped, weights_only=True)["global_step"] == steps  # where it stopped, not the last multiple of 25
+    # The CPU campaign (one process here, another task count) continues from the burst's checkpoint.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = build_cli(["fit", "-c", str(campaign), *TINY, "--model.init_args.tasks_per_step=3",
+                             "--data.init_args.tasks_per_step=3", "--trainer.devices=1", "--trainer.strategy=auto",
+                             f"--trainer.max_steps={steps + 2}", "--ckpt_path", "last"])
+    assert resumed.trainer.global_step == steps + 2
+    assert any("tasks" in str(w.message) and "afresh" in str(w.message) for w in caught)
+    after_campaign = _lopt(last)
+    assert any(not torch.equal(after_burst[k], after_campaign[k]) for k in after_burst)  # it trained on
+    # ... and the burst continues from the campaign's last.ckpt.
+    again = build_cli(["fit", "-c", str(burst), *TINY, f"--trainer.max_steps={steps + 3}", "--ckpt_path", "last"])
+    assert again.trainer.global_step == steps + 3
