@@ -14,6 +14,7 @@ import json
 import math
 import os
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Sequence, Union
@@ -88,10 +89,45 @@ class ProblemRows(NamedTuple):
 
     @staticmethod
     def of(problem_ids: Tensor) -> "ProblemRows":
-        """From non-decreasing problem ids (a :class:`Layout`'s ``problem_ids``)."""
-        first = torch.searchsorted(problem_ids, problem_ids)  # index of each problem's first row
-        position = torch.arange(problem_ids.numel(), device=problem_ids.device) - first
-        return ProblemRows(problem_ids, position, int(position.max()) + 1 if position.numel() else 1)
+        """From non-decreasing problem ids (a :class:`Layout`'s ``problem_ids``); kept per tensor,
+        since meta-training steps one layout many times."""
+        cached = _PROBLEM_ROWS.get(problem_ids)
+        if cached is None:
+            first = torch.searchsorted(problem_ids, problem_ids)  # index of each problem's first row
+            position = torch.arange(problem_ids.numel(), device=problem_ids.device) - first
+            cached = ProblemRows(problem_ids, position, int(position.max()) + 1 if position.numel() else 1)
+            _PROBLEM_ROWS[problem_ids] = cached
+        return cached
+
+
+class _TensorCache:
+    """Values derived from index tensors, kept while the tensor lives (by identity: a tensor's ``==``
+    compares elements, so a ``WeakKeyDictionary`` cannot hold tensors as keys)."""
+
+    def __init__(self) -> None:
+        self._items: dict[int, tuple[weakref.ref, Any]] = {}
+
+    def get(self, key: Tensor) -> Any:
+        item = self._items.get(id(key))
+        return item[1] if item is not None and item[0]() is key else None
+
+    def __setitem__(self, key: Tensor, value: Any) -> None:
+        ident = id(key)
+        self._items[ident] = (weakref.ref(key, lambda _: self._items.pop(ident, None)), value)
+
+
+_PROBLEM_ROWS = _TensorCache()
+_PROBLEM_STARTS = _TensorCache()
+
+
+def _problem_starts(layout: "Layout") -> Tensor:
+    """Where each problem's elements start in the flat vector, and the end: ``(P + 1,)`` int64."""
+    starts = _PROBLEM_STARTS.get(layout.problem_elements)
+    if starts is None:
+        counts = layout.problem_elements.long()
+        starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        _PROBLEM_STARTS[layout.problem_elements] = starts
+    return starts
 
 
 def _matmul(x: Tensor, weight: Tensor, bias: Tensor, rows: Optional[ProblemRows]) -> Tensor:
@@ -727,7 +763,7 @@ class HierarchicalRNN(nn.Module):
         scratch = _Scratch.get(self, n, dtype, point.device) if new is not None else None
         kernel = _compiled_kernel(cst) if backend == "compiled" and cpp is None and new is not None else None
         full: Optional[tuple[Any, ...]] = None
-        starts = torch.cat([tid.new_zeros(1), layout.problem_elements.long().cumsum(0)]) if lanes else None
+        starts = _problem_starts(layout) if lanes else None
         if lanes and cpp is not None:
             cpp.element_update_lanes(
                 [grad.to(dtype).contiguous(), state.h_param, state.momentum, state.mean_square, state.beta_in,

@@ -13,6 +13,7 @@ the campaign, so task construction is included.
 from __future__ import annotations
 
 import argparse
+import inspect
 import platform
 import statistics
 import time
@@ -34,7 +35,7 @@ def module_from_config(config: str | Path, **overrides: Any) -> MetaTrainingModu
     tasks = args.pop("tasks", None)
     if tasks is not None:
         tasks = TaskDistribution(**tasks.get("init_args", {}))
-    return MetaTrainingModule(tasks=tasks, **{**args, **overrides})
+    return MetaTrainingModule(**{**args, "tasks": tasks, **overrides})
 
 
 def _detach_from_trainer(module: MetaTrainingModule) -> None:
@@ -69,7 +70,9 @@ def measure(
     modules = {}
     for mode in modes:
         torch.manual_seed(0)
-        modules[mode] = module_from_config(config, es_unroll=mode, num_threads=1)
+        # An installation older than the batched unroll has only the per-task one, and no es_unroll.
+        extra = {"es_unroll": mode} if "es_unroll" in inspect.signature(MetaTrainingModule).parameters else {}
+        modules[mode] = module_from_config(config, num_threads=1, **extra)
         _detach_from_trainer(modules[mode])
     rates: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(rounds):
@@ -85,8 +88,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--config", default="configs/meta_train_campaign.yaml", help="meta-training config")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     parser.add_argument("--meta-steps", type=int, default=2, help="meta-steps per round")
+    parser.add_argument("--modes", default="per_task,batched", help="comma-separated unrolls to time")
     args = parser.parse_args(argv)
-    rates = measure(args.config, args.rounds, args.meta_steps)
+    rates = measure(args.config, args.rounds, args.meta_steps, args.modes.split(","))
     print(f"{args.config}; torch {torch.__version__}, 1 thread, {platform.processor() or platform.machine()}; "
           f"{args.rounds} alternating rounds of {args.meta_steps} meta-steps")
     print("| unroll | particle-steps/s (median) | rounds |")

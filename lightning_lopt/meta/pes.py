@@ -457,38 +457,41 @@ def _run_lanes(
     loss_fns = [_loss_fn(slot, sz) for slot, sz in zip(slots, sizes)]
     negative = torch.zeros((), dtype=torch.bool, device=device)
     last = [None] * len(slots)
-    for t in range(steps):
-        batches, grads = [], []
-        for slot, x, fn in zip(slots, views(point), loss_fns):
-            with torch.enable_grad(), record_function("es/task_gradients"):
-                batch = _to_device(slot.task.sample_batch(slot.generator), device)
-                xg = x.detach().requires_grad_(True)
-                (g,) = torch.autograd.grad(fn(xg, batch).sum(), xg)
-            with record_function("es/gradient_transform"):
-                g = _transform_particle_grads(slot, g)
-            finite_grad = torch.isfinite(g).all(1)
-            slot.dead = slot.dead | ~finite_grad
-            # A particle whose gradient is non-finite has diverged; zeros keep its lane harmless.
-            grads.append(torch.where(finite_grad.unsqueeze(1), g, torch.zeros_like(g)).reshape(-1))
-            batches.append(batch)
-        progress = None
-        if lopt.progress_input:
-            progress = torch.cat([torch.full((p,), (s.steps_done + t) / s.length, device=device)
-                                  for s, p in zip(slots, pairs2)])
-        with torch.no_grad(), _reparametrize_module(lopt, params), record_function("es/rule_step"):
-            out = lopt.step(state, point, torch.cat(grads), layout, progress=progress)
-        point, state = out.point, out.state
-        theta = state.theta if lopt.attention else point
-        with torch.no_grad():
-            for k, (slot, th, fn, batch) in enumerate(zip(slots, views(theta), loss_fns, batches)):
-                with record_function("es/task_losses"):
-                    losses = fn(th, batch)
-                finite = torch.isfinite(losses)
-                negative = negative | (torch.where(finite, losses, torch.zeros_like(losses)) < 0).any()
-                slot.dead = slot.dead | ~finite | ~torch.isfinite(th).all(1)
-                terms = clipped_meta_loss(losses.float(), slot.initial_loss.float(), meta_loss_max)
-                totals[k] += torch.where(slot.dead, torch.full_like(terms, meta_loss_max), terms)
-                last[k] = losses
+    # Each particle runs its own meta-parameters, swapped in for the whole run.
+    with _reparametrize_module(lopt, params):
+        for t in range(steps):
+            batches, grads = [], []
+            for slot, x, fn in zip(slots, views(point), loss_fns):
+                with torch.enable_grad(), record_function("es/task_gradients"):
+                    batch = _to_device(slot.task.sample_batch(slot.generator), device)
+                    xg = x.detach().requires_grad_(True)
+                    (g,) = torch.autograd.grad(fn(xg, batch).sum(), xg)
+                with record_function("es/gradient_transform"):
+                    g = _transform_particle_grads(slot, g)
+                finite_grad = torch.isfinite(g).all(1)
+                slot.dead = slot.dead | ~finite_grad
+                # A particle whose gradient is non-finite has diverged; zeros keep its lane harmless.
+                grads.append(torch.where(finite_grad.unsqueeze(1), g, torch.zeros_like(g)).reshape(-1))
+                batches.append(batch)
+            progress = None
+            if lopt.progress_input:
+                progress = torch.cat([torch.full((p,), (s.steps_done + t) / s.length, device=device)
+                                      for s, p in zip(slots, pairs2)])
+            with torch.no_grad(), record_function("es/rule_step"):
+                out = lopt.step(state, point, torch.cat(grads), layout, progress=progress)
+            point, state = out.point, out.state
+            theta = state.theta if lopt.attention else point
+            finite_theta = views(torch.isfinite(theta))
+            with torch.no_grad():
+                for k, (slot, th, fn, batch) in enumerate(zip(slots, views(theta), loss_fns, batches)):
+                    with record_function("es/task_losses"):
+                        losses = fn(th, batch)
+                    finite = torch.isfinite(losses)
+                    negative = negative | (torch.where(finite, losses, torch.zeros_like(losses)) < 0).any()
+                    slot.dead = slot.dead | ~finite | ~finite_theta[k].all(1)
+                    terms = clipped_meta_loss(losses.float(), slot.initial_loss.float(), meta_loss_max)
+                    totals[k] += torch.where(slot.dead, torch.full_like(terms, meta_loss_max), terms)
+                    last[k] = losses
     if bool(negative):
         for slot, losses in zip(slots, last):
             finite = losses[torch.isfinite(losses)]
