@@ -129,9 +129,12 @@ def build_cli(args: ArgsType = None, run: bool = True, **kwargs: Any) -> Lightni
         The CLI object, holding ``model``, ``datamodule``, ``trainer`` and ``config``.
     """
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+    # No abbreviated options: argparse would take --trainer.max_epoch=3 for --trainer.max_epochs silently.
     kwargs.setdefault(
         "parser_kwargs",
-        {"description": "Train a LightningModule with the hierarchical RNN learned optimizer (or any optimizer)."},
+        {"description": "Train a LightningModule with the hierarchical RNN learned optimizer (or any optimizer).",
+         "allow_abbrev": False,
+         **{sub: {"allow_abbrev": False} for sub in ("fit", "validate", "test", "predict")}},
     )
     return LightningLoptCLI(
         pl.LightningModule,

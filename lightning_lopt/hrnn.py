@@ -1457,6 +1457,11 @@ def _read_weights(path: Union[str, Path]) -> tuple[dict[str, Any], dict[str, Ten
         candidate = shipped
     if not candidate.exists():
         raise FileNotFoundError(f"Weights file {candidate} does not exist.")
+    if candidate.suffix == ".json":
+        raise ValueError(
+            f"{candidate} is a weights card (JSON), not weights: pass the .safetensors file beside it "
+            f"({candidate.with_suffix('.safetensors')})."
+        )
     if candidate.suffix == ".ckpt":
         try:
             ckpt = torch.load(candidate, map_location="cpu", weights_only=True)

@@ -625,3 +625,16 @@ def test_known_third_party_noise_is_filtered(caplog) -> None:
         rank_zero_info("💡 Tip: try installing something")
         rank_zero_info("GPU available: False")
     assert [r.getMessage() for r in caplog.records] == ["GPU available: False"]
+
+
+def test_abbreviated_options_are_refused(tmp_path: Path, cli_argv: None, capsys) -> None:
+    """--trainer.max_epoch is not silently taken for --trainer.max_epochs."""
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "-c", str(CONFIGS / "mnist1d_adam.yaml"), "--trainer.max_epoch=1"])
+    assert "--trainer.max_epoch=1" in capsys.readouterr().err
+
+
+def test_a_weights_card_is_named_as_such() -> None:
+    card = Path(__file__).resolve().parent.parent / "lightning_lopt" / "weights" / "default.json"
+    with pytest.raises(ValueError, match="weights card.*default.safetensors"):
+        HierarchicalRNNOptimizer([torch.nn.Parameter(torch.ones(2))], weights=str(card))
