@@ -221,7 +221,7 @@ def test_ctrl_c_and_sigterm_save_a_checkpoint_that_resumes_exactly(tmp_path, sig
     # Stopped by Lightning's end-of-step SIGTERM path (exit status 0), not by an interrupt mid-step (1).
     assert proc.wait(timeout=TIMEOUT) == 0, _log_tail(run_dir)
     stopped_at = _steps_done(run_dir, "pes")
-    saved = run_dir / "ckpt_pes" / "interrupted.ckpt"
+    saved = run_dir / "ckpt_pes" / "last-interrupted.ckpt"
     assert saved.exists(), _log_tail(run_dir)
     assert not (run_dir / "ckpt_pes" / "last.ckpt").exists()  # only the interruption saved
     assert torch.load(saved, weights_only=True, map_location="cpu")["global_step"] == stopped_at < 10

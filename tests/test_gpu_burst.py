@@ -41,7 +41,7 @@ def _lopt(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def test_burst_stops_itself_and_the_campaign_resumes_it_and_back(tmp_path: Path, cli_argv: None) -> None:
     burst, campaign = _config(tmp_path, "meta_train_gpu_burst.yaml"), _config(tmp_path, "meta_train_campaign.yaml")
-    last, stopped = tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "run" / "checkpoints" / "interrupted.ckpt"
+    last, stopped = tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "run" / "checkpoints" / "last-interrupted.ckpt"
     cli = build_cli(["fit", "-c", str(burst), *TINY, "--trainer.max_time=00:00:00:04"])
     steps = cli.trainer.global_step
     assert cli.trainer.interrupted is False and steps >= 1 and stopped.exists()

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from typing import Any, Optional
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 __all__ = ["CheckpointOnInterrupt"]
 
 
-class CheckpointOnInterrupt(OnExceptionCheckpoint):
-    """Lightning's :class:`~lightning.pytorch.callbacks.OnExceptionCheckpoint`, with Ctrl-C made graceful.
+class CheckpointOnInterrupt(Checkpoint):
+    """A checkpoint where a run was stopped, as Lightning's ``OnExceptionCheckpoint``, with Ctrl-C made graceful.
 
     On SIGTERM, Lightning finishes the current step and stops with an exception that this callback
     answers with a checkpoint. The first Ctrl-C (SIGINT) now does the same, instead of interrupting
@@ -22,19 +23,29 @@ class CheckpointOnInterrupt(OnExceptionCheckpoint):
     meta-parameters out of step with each other); a second Ctrl-C interrupts at once, as usual.
     A fit that stops early without an exception (the trainer's ``max_time``, early stopping) also
     leaves this checkpoint, at the step where it stopped: ``ModelCheckpoint`` writes its
-    ``last.ckpt`` only every so many steps. ``--ckpt_path last`` picks the newest of this checkpoint
-    and ``ModelCheckpoint``'s ``last.ckpt``, so a run resumes from where it was stopped. The file
-    is removed when a fit runs to its end.
+    ``last.ckpt`` only every so many steps. The file is named like ``ModelCheckpoint``'s last
+    checkpoints (``last-interrupted.ckpt``), so ``--ckpt_path last`` picks the newest of the two
+    and a run resumes from where it was stopped; it is removed when a fit runs to its end. (Unlike
+    ``OnExceptionCheckpoint``, this does not make every ``fit`` resume from ``last`` by itself.)
 
     Args:
         dirpath: Directory of the checkpoint (the ``ModelCheckpoint``'s, so that ``last`` finds it).
         filename: Its name, without ``.ckpt``.
     """
 
-    def __init__(self, dirpath: str, filename: str = "interrupted") -> None:
-        super().__init__(dirpath, filename)
+    def __init__(self, dirpath: str, filename: str = "last-interrupted") -> None:
+        super().__init__()
+        if not filename:
+            raise ValueError("The filename cannot be empty.")
+        self.dirpath = dirpath
+        self.filename = filename
         self._previous: Optional[Any] = None
         self._keep = False
+
+    @property
+    def ckpt_path(self) -> str:
+        """Where the checkpoint is written."""
+        return os.path.join(self.dirpath, self.filename + ".ckpt")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Route the first Ctrl-C to Lightning's end-of-step stop."""
@@ -51,7 +62,7 @@ class CheckpointOnInterrupt(OnExceptionCheckpoint):
 
     def on_exception(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
         """Save the checkpoint and say where it is."""
-        super().on_exception(trainer, *args, **kwargs)
+        trainer.save_checkpoint(self.ckpt_path)
         rank_zero_info(f"Saved {self.ckpt_path}; continue with --ckpt_path last.")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -65,7 +76,7 @@ class CheckpointOnInterrupt(OnExceptionCheckpoint):
         """Restore the Ctrl-C handler; remove the checkpoint of an earlier stop unless this fit stopped early."""
         self._restore()
         if not self._keep:
-            super().teardown(trainer, pl_module, stage)
+            trainer.strategy.remove_checkpoint(self.ckpt_path)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()
