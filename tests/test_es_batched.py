@@ -206,3 +206,36 @@ def test_shared_gradient_draws_equal_the_per_particle_transform():
     assert torch.equal(shared, torch.stack(rows))
     assert torch.equal(after, gen.get_state())
     assert (shared == 0).any() and not torch.equal(shared, grads)
+
+
+@pytest.mark.parametrize("wrap", ["rescaled", "reparam", "log"])
+def test_wrappers_particle_losses_and_shared_draws_equal_the_per_particle_ones(wrap):
+    """Rescaled, ReparamWeights and LogObjective: the batched loss equals the vmapped one, and the
+    shared gradient draws equal each particle's own transform."""
+    from torch.func import vmap
+
+    from lightning_lopt.meta.pes import ParticleSlot, _transform_particle_grads
+    from lightning_lopt.tasks import GradientNoise, LogObjective, MLPTask, ReparamWeights, Rescaled
+
+    base = GradientNoise(MLPTask(seed=2), noise=0.3)
+    task = {"rescaled": lambda: Rescaled(base, scale=7.0), "reparam": lambda: ReparamWeights(base, seed=3),
+            "log": lambda: LogObjective(base)}[wrap]()
+    params = task.init_params(torch.Generator().manual_seed(0))
+    shapes, sizes = [p.shape for p in params], [p.numel() for p in params]
+    flat = torch.cat([p.reshape(-1) for p in params]).repeat(4, 1) + 0.1 * torch.randn(4, sum(sizes))
+    batch = task.sample_batch(torch.Generator().manual_seed(1))
+    direct = task.particle_loss([v.reshape(4, *s) for v, s in zip(flat.split(sizes, dim=1), shapes)], batch)
+    ref = vmap(lambda f: task.loss([v.view(s) for v, s in zip(f.split(sizes), shapes)], batch))(flat)
+    torch.testing.assert_close(direct, ref, rtol=1e-5, atol=1e-6)
+    gen = torch.Generator().manual_seed(5)
+    slot = ParticleSlot(seed=0, task=task, length=10, shapes=shapes, generator=gen, point=flat,
+                        state=None, initial_loss=torch.tensor(1.0))  # type: ignore[arg-type]
+    grads = torch.randn(4, sum(sizes))
+    start = gen.get_state()
+    shared = _transform_particle_grads(slot, grads)
+    rows = []
+    for i in range(4):
+        gen.set_state(start)
+        parts = task.transform_grads([v.view(s) for v, s in zip(grads[i].split(sizes), shapes)], gen)
+        rows.append(torch.cat([p.reshape(-1) for p in parts]))
+    torch.testing.assert_close(shared, torch.stack(rows), rtol=1e-6, atol=1e-6)

@@ -211,9 +211,14 @@ def _shared_draws(task: Task, grads: list[Tensor], generator: torch.Generator) -
     noise and sparsity) of every particle at once, ``grads`` with a leading particle dimension: each
     draw is made once, with one particle's shapes, in the order a single transform makes it, and
     broadcast. None for a transform this does not know (the caller then runs it particle by particle)."""
-    from lightning_lopt.tasks.wrappers import SparseGradients, TaskWrapper
+    from lightning_lopt.tasks.wrappers import ReparamWeights, Rescaled, SparseGradients, TaskWrapper
 
     impl = type(task).transform_grads
+    if impl in (Rescaled.transform_grads, ReparamWeights.transform_grads):
+        # The wrapped transform in the wrapped task's coordinates, then this wrapper's own noise.
+        scales = [task.scale] * len(grads) if impl is Rescaled.transform_grads else task.scales  # type: ignore[attr-defined]
+        inner = _shared_draws(task.task, [g / s for g, s in zip(grads, scales)], generator)  # type: ignore[attr-defined]
+        return None if inner is None else _noise(task, [g * s for g, s in zip(inner, scales)], generator)
     if impl is SparseGradients.transform_grads:
         inner = _shared_draws(task.task, grads, generator)  # type: ignore[attr-defined]
         if inner is None:

@@ -69,6 +69,11 @@ class LogObjective(TaskWrapper):
         """``log1p`` of the wrapped loss."""
         return torch.log1p(self.task.loss(params, batch))
 
+    def particle_loss(self, params: Sequence[Tensor], batch: Any = None) -> Optional[Tensor]:
+        """:meth:`loss` per particle, where the wrapped task has a ``particle_loss``."""
+        inner = self.task.particle_loss(params, batch)
+        return None if inner is None else torch.log1p(inner)
+
 
 class Rescaled(TaskWrapper):
     """The optimizer sees ``p / scale``: parameters ``scale`` times smaller, gradients larger.
@@ -91,6 +96,10 @@ class Rescaled(TaskWrapper):
     def loss(self, params: Sequence[Tensor], batch: Any = None) -> Tensor:
         """The wrapped loss at ``p * scale``."""
         return self.task.loss([p * self.scale for p in params], batch)
+
+    def particle_loss(self, params: Sequence[Tensor], batch: Any = None) -> Optional[Tensor]:
+        """:meth:`loss` per particle, where the wrapped task has a ``particle_loss``."""
+        return self.task.particle_loss([p * self.scale for p in params], batch)
 
     def transform_grads(self, grads: Sequence[Tensor], generator: Optional[torch.Generator]) -> list[Tensor]:
         """The wrapped transform, applied in the wrapped task's coordinates."""
@@ -131,6 +140,10 @@ class ReparamWeights(TaskWrapper):
     def loss(self, params: Sequence[Tensor], batch: Any = None) -> Tensor:
         """The wrapped loss at ``p_i * s_i``."""
         return self.task.loss([p * s for p, s in zip(params, self.scales)], batch)
+
+    def particle_loss(self, params: Sequence[Tensor], batch: Any = None) -> Optional[Tensor]:
+        """:meth:`loss` per particle, where the wrapped task has a ``particle_loss``."""
+        return self.task.particle_loss([p * s for p, s in zip(params, self.scales)], batch)
 
     def transform_grads(self, grads: Sequence[Tensor], generator: Optional[torch.Generator]) -> list[Tensor]:
         """The wrapped transform, applied in the wrapped task's coordinates."""
