@@ -239,3 +239,25 @@ def test_wrappers_particle_losses_and_shared_draws_equal_the_per_particle_ones(w
         parts = task.transform_grads([v.view(s) for v, s in zip(grads[i].split(sizes), shapes)], gen)
         rows.append(torch.cat([p.reshape(-1) for p in parts]))
     torch.testing.assert_close(shared, torch.stack(rows), rtol=1e-6, atol=1e-6)
+
+
+def test_batched_unroll_scores_diverging_particles_as_the_reference_does():
+    """A particle driven to a non-finite loss is dead and scores meta_loss_max in both unrolls."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_pes import _Cliff  # noqa: E402
+
+    from lightning_lopt.meta.bias import parameter_index, particles_of, start_task
+
+    lopt = HierarchicalRNN.from_pretrained("tbptt_step7250")
+    theta = flat_meta_parameters(lopt)
+    eps = torch.zeros(1, theta.numel())
+    eps[0, parameter_index(lopt, "step_offset")] = 8.0
+    ref_slot = particles_of(start_task(lopt, _Cliff(), 40), 2)
+    fast_slot = particles_of(start_task(lopt, _Cliff(), 40), 2)
+    ref, _, _ = unroll_particles(lopt, ref_slot, antithetic(theta, eps), 40, 1.0)
+    (fast,), _, _ = unroll_particle_slots(lopt, [fast_slot], [antithetic(theta, eps)], 40, 1.0)
+    assert ref_slot.dead.tolist() == fast_slot.dead.tolist() == [True, False]
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)

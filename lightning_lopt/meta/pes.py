@@ -462,6 +462,17 @@ def _run_lanes(
     loss_fns = [_loss_fn(slot, sz) for slot, sz in zip(slots, sizes)]
     negative = torch.zeros((), dtype=torch.bool, device=device)
     last = [None] * len(slots)
+    # The bookkeeping of all particles at once: which lane each element is in, and per lane the
+    # dead flag, the initial loss and the running sum of meta-loss terms.
+    lane_of = layout.problem_ids[layout.tensor_ids]
+    lanes = layout.num_problems
+    dead = torch.cat([s.dead for s in slots])
+    initial = torch.cat([s.initial_loss.float().expand(p) for s, p in zip(slots, pairs2)])
+    total = torch.zeros(lanes, dtype=torch.float32, device=device)
+
+    def lanes_with_nonfinite(flat: Tensor) -> Tensor:
+        bad = (~torch.isfinite(flat)).to(torch.float32)
+        return torch.zeros(lanes, dtype=torch.float32, device=device).index_add_(0, lane_of, bad) > 0
     # Each particle runs its own meta-parameters, swapped in for the whole run.
     with _reparametrize_module(lopt, params):
         for t in range(steps):
@@ -472,31 +483,31 @@ def _run_lanes(
                     xg = x.detach().requires_grad_(True)
                     (g,) = torch.autograd.grad(fn(xg, batch).sum(), xg)
                 with record_function("es/gradient_transform"):
-                    g = _transform_particle_grads(slot, g)
-                finite_grad = torch.isfinite(g).all(1)
-                slot.dead = slot.dead | ~finite_grad
-                # A particle whose gradient is non-finite has diverged; zeros keep its lane harmless.
-                grads.append(torch.where(finite_grad.unsqueeze(1), g, torch.zeros_like(g)).reshape(-1))
+                    grads.append(_transform_particle_grads(slot, g).reshape(-1))
                 batches.append(batch)
+            grad = torch.cat(grads)
+            bad_grad = lanes_with_nonfinite(grad)
+            dead = dead | bad_grad
+            # A particle whose gradient is non-finite has diverged; zeros keep its lane harmless.
+            grad = torch.where(bad_grad[lane_of], torch.zeros_like(grad), grad)
             progress = None
             if lopt.progress_input:
                 progress = torch.cat([torch.full((p,), (s.steps_done + t) / s.length, device=device)
                                       for s, p in zip(slots, pairs2)])
             with torch.no_grad(), record_function("es/rule_step"):
-                out = lopt.step(state, point, torch.cat(grads), layout, progress=progress)
+                out = lopt.step(state, point, grad, layout, progress=progress)
             point, state = out.point, out.state
             theta = state.theta if lopt.attention else point
-            finite_theta = views(torch.isfinite(theta))
             with torch.no_grad():
-                for k, (slot, th, fn, batch) in enumerate(zip(slots, views(theta), loss_fns, batches)):
+                for k, (th, fn, batch) in enumerate(zip(views(theta), loss_fns, batches)):
                     with record_function("es/task_losses"):
-                        losses = fn(th, batch)
-                    finite = torch.isfinite(losses)
-                    negative = negative | (torch.where(finite, losses, torch.zeros_like(losses)) < 0).any()
-                    slot.dead = slot.dead | ~finite | ~finite_theta[k].all(1)
-                    terms = clipped_meta_loss(losses.float(), slot.initial_loss.float(), meta_loss_max)
-                    totals[k] += torch.where(slot.dead, torch.full_like(terms, meta_loss_max), terms)
-                    last[k] = losses
+                        last[k] = fn(th, batch)
+                losses = torch.cat(last)
+                finite = torch.isfinite(losses)
+                negative = negative | (torch.where(finite, losses, torch.zeros_like(losses)) < 0).any()
+                dead = dead | ~finite | lanes_with_nonfinite(theta)
+                terms = clipped_meta_loss(losses.float(), initial, meta_loss_max)
+                total += torch.where(dead, torch.full_like(terms, meta_loss_max), terms)
     if bool(negative):
         for slot, losses in zip(slots, last):
             finite = losses[torch.isfinite(losses)]
@@ -511,8 +522,13 @@ def _run_lanes(
     tensor_offsets = [0]
     for sz, p in zip(sizes, pairs2):
         tensor_offsets.append(tensor_offsets[-1] + len(sz) * p)
+    lane_offsets = [0]
+    for p in pairs2:
+        lane_offsets.append(lane_offsets[-1] + p)
     for k, slot in enumerate(slots):
         a, b, p, n, ta, tb = offsets[k], offsets[k + 1], pairs2[k], numels[k], tensor_offsets[k], tensor_offsets[k + 1]
+        slot.dead = dead[lane_offsets[k] : lane_offsets[k + 1]].clone()
+        totals[k] += total[lane_offsets[k] : lane_offsets[k + 1]]
 
         def part(field: str, flat: Optional[Tensor]) -> Optional[Tensor]:
             if flat is None:
