@@ -60,3 +60,17 @@ def test_burst_stops_itself_and_the_campaign_resumes_it_and_back(tmp_path: Path,
     # ... and the burst continues from the campaign's last.ckpt.
     again = build_cli(["fit", "-c", str(burst), *TINY, f"--trainer.max_steps={steps + 3}", "--ckpt_path", "last"])
     assert again.trainer.global_step == steps + 3
+
+
+def test_meta_progress_bar_counts_resumed_meta_steps(tmp_path: Path, cli_argv: None) -> None:
+    """After --ckpt_path last the bar starts at the resumed step, with max_steps as its total."""
+    from lightning_lopt.callbacks import MetaTrainingProgressBar
+
+    campaign = _config(tmp_path, "meta_train_campaign.yaml")
+    args = ["-c", str(campaign), *[a for a in TINY if "progress_bar" not in a], "--trainer.devices=1",
+            "--trainer.strategy=auto"]
+    build_cli(["fit", *args, "--trainer.max_steps=3"])
+    cli = build_cli(["fit", *args, "--trainer.max_steps=5", "--ckpt_path", "last"])
+    bar = next(cb for cb in cli.trainer.callbacks if isinstance(cb, MetaTrainingProgressBar))
+    assert cli.trainer.progress_bar_callback is bar
+    assert (bar.train_progress_bar.total, bar.train_progress_bar.initial, bar.train_progress_bar.n) == (5, 3, 5)

@@ -1,16 +1,16 @@
-"""``TrainingProgress``: tell the learned optimizer the training horizon, from the Trainer."""
+"""``TrainingProgress`` tells the learned optimizer the training horizon; ``MetaTrainingProgressBar`` counts meta-steps."""
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 
 from lightning_lopt.callbacks.eval_mode import hrnn_optimizers
 
-__all__ = ["TrainingProgress"]
+__all__ = ["MetaTrainingProgressBar", "TrainingProgress"]
 
 
 class TrainingProgress(Callback):
@@ -42,3 +42,29 @@ class TrainingProgress(Callback):
         for opt in hrnn_optimizers(trainer):
             if opt.total_steps is None or self.override:
                 opt.total_steps = horizon
+
+
+class MetaTrainingProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, counting meta-steps against ``max_steps``.
+
+    Meta-training reads an endless stream of task seeds, so Lightning's bar knows no total and,
+    after ``--ckpt_path last``, shows the resumed step over ``?`` with a rate measured from zero.
+    This bar shows ``global_step / max_steps`` and a rate over the steps this run has made.
+    """
+
+    def on_train_epoch_start(self, trainer: "pl.Trainer", *args: Any) -> None:
+        """Start the bar at the resumed step, with ``max_steps`` as its total."""
+        super().on_train_epoch_start(trainer, *args)
+        bar = self.train_progress_bar
+        if trainer.max_steps is not None and trainer.max_steps > 0 and not bar.disable:
+            bar.reset(total=trainer.max_steps)
+            bar.initial = bar.n = trainer.global_step
+            bar.refresh()
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any) -> None:
+        """Move the bar to the current meta-step."""
+        bar = self.train_progress_bar
+        if bar is not None and not bar.disable and self._should_update(trainer.global_step, bar.total):
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            bar.refresh()
