@@ -10,12 +10,14 @@ from lightning_lopt.bench import cuda_check
 
 def test_cuda_check_runs_on_cpu_and_passes(capsys):
     argv = ["--device", "cpu", "--sizes", "2e3", "--check-size", "3e3", "--repeats", "2",
-            "--triton-check-size", "100", "--meta-tasks", "1", "--meta-steps", "2"]
+            "--triton-check-size", "100", "--meta-tasks", "1", "--meta-steps", "2",
+            "--es-tasks", "2", "--es-pairs", "1", "--es-seconds", "0.5"]
     assert cuda_check.main(argv) == 0
     out = capsys.readouterr().out
     assert "PASS" in out and "| 2e+03 | single | HRNN eager |" in out and "| 2e+03 | mixed | AdamW fused |" in out
     assert "| 2e+03 | mixed | HRNN auto bf16 state |" in out
     assert "TBPTT meta-training step: 1 tasks x 2 inner steps" in out and "inner steps/s" in out
+    assert "ES meta-training (configs/meta_train_gpu_burst.yaml, batched unroll): 4 particles per inner step" in out
     if cuda_check.triton_step.applies(torch.device("cpu")):  # under Triton's interpreter (tests/conftest.py)
         assert "triton vs eager, float32 state" in out and "triton vs eager, bfloat16 state" in out
         assert "FAIL" not in out

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lightning_lopt import HierarchicalRNN
+from lightning_lopt.bench.es_throughput import detach_from_trainer
 from lightning_lopt.hrnn import HRNNState, Layout
 from lightning_lopt.meta import MetaTrainingModule
 from lightning_lopt.meta.pes import (
@@ -110,12 +111,7 @@ def _module(mode: str, estimator: str) -> MetaTrainingModule:
     )
     # Plain SGD: the meta-parameters move by the estimates themselves (Adam's normalisation would
     # turn rounding-level differences of near-zero entries into whole steps).
-    opt = torch.optim.SGD(module.lopt.parameters(), lr=1e-3)
-    module.optimizers = lambda: opt  # type: ignore[method-assign]
-    module.manual_backward = lambda loss: loss.backward()  # type: ignore[method-assign]
-    module.clip_gradients = lambda *a, **k: None  # type: ignore[method-assign]
-    module.log_dict = lambda *a, **k: None  # type: ignore[method-assign]
-    module.log = lambda *a, **k: None  # type: ignore[method-assign]
+    detach_from_trainer(module, torch.optim.SGD(module.lopt.parameters(), lr=1e-3))
     return module
 
 

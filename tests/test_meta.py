@@ -385,6 +385,15 @@ def test_a_rule_that_stops_stepping_is_disqualified_in_validation():
     assert all(f < e for f, e in working)
 
 
+def _one_step_checkpoint(tmp_path) -> Path:
+    """A checkpoint of one meta-step of a small module."""
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(_small_module(), TaskDataModule(tasks_per_step=3))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    return tmp_path / "m.ckpt"
+
+
 def test_export_records_the_validation_scores_in_the_card(tmp_path):
     """``validate=True`` writes each validation task's log ratio to Adam and verdict, as meta.select scores them."""
     import json
@@ -392,12 +401,7 @@ def test_export_records_the_validation_scores_in_the_card(tmp_path):
     from lightning_lopt.meta.export import export_checkpoint
     from lightning_lopt.meta.select import score_checkpoints, validation_tasks
 
-    module = _small_module()
-    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
-    trainer.fit(module, TaskDataModule(tasks_per_step=3))
-    ckpt = tmp_path / "m.ckpt"
-    trainer.save_checkpoint(ckpt)
+    ckpt = _one_step_checkpoint(tmp_path)
     out = export_checkpoint(ckpt, tmp_path / "w.safetensors", validate=True, num_validation_tasks=1)
     card = json.loads(out.with_suffix(".json").read_text())["validation"]
     _, score, ratios, verdicts = score_checkpoints([str(ckpt)], 1)[0]
@@ -414,12 +418,7 @@ def test_export_prints_its_validation_table_and_writes_files_of_one_mode(tmp_pat
 
     from lightning_lopt.meta.export import main as export_main
 
-    module = _small_module()
-    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
-    trainer.fit(module, TaskDataModule(tasks_per_step=3))
-    ckpt = tmp_path / "m.ckpt"
-    trainer.save_checkpoint(ckpt)
+    ckpt = _one_step_checkpoint(tmp_path)
     export_main([str(ckpt), str(tmp_path / "w.safetensors"), "--validate"])
     out = capsys.readouterr().out
     card = json.loads((tmp_path / "w.json").read_text())

@@ -279,7 +279,7 @@ def es_particle_steps(
     """Particle-steps per second of a meta-training config's ES recipe on ``device`` (the batched
     unroll), over meta-steps run for about ``seconds`` after an untimed first one; ``tasks`` and
     ``pairs`` override the config's ``tasks_per_step`` and ``pes_pairs``."""
-    from lightning_lopt.bench.es_throughput import _detach_from_trainer, _round, module_from_config
+    from lightning_lopt.bench.es_throughput import _round, detach_from_trainer, module_from_config
 
     overrides: dict = {"es_unroll": "batched", "num_threads": None}
     if tasks:
@@ -288,7 +288,7 @@ def es_particle_steps(
         overrides["pes_pairs"] = pairs
     torch.manual_seed(0)
     module = module_from_config(config, **overrides).to(device)
-    _detach_from_trainer(module)
+    detach_from_trainer(module)
     _round(module, 0, 1)
     _sync(device)
     elapsed, steps, k = 0.0, 0, 1

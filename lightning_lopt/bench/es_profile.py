@@ -26,7 +26,7 @@ import yaml
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_lopt.bench.es_throughput import _detach_from_trainer, _round, module_from_config
+from lightning_lopt.bench.es_throughput import _round, detach_from_trainer, module_from_config
 from lightning_lopt.bench.quality import machine_description
 from lightning_lopt.meta import TaskDataModule
 from lightning_lopt.meta.module import MetaTrainingModule
@@ -58,7 +58,7 @@ def family_costs(config: str | Path, families: Sequence[str], meta_steps: int) -
         dist = TaskDistribution(**{**tasks_args, "family_weights": {family: 1.0}})
         torch.manual_seed(0)
         module = module_from_config(config, tasks=dist, es_unroll="batched", num_threads=1)
-        _detach_from_trainer(module)
+        detach_from_trainer(module)
         _round(module, 0, 1)  # warm-up: kernel, first tasks
         seconds, steps = _round(module, 1, meta_steps)
         flops, params = [], []
@@ -109,7 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for mode in ("per_task", "batched"):
         torch.manual_seed(0)
         module = module_from_config(args.config, es_unroll=mode, num_threads=1)
-        _detach_from_trainer(module)
+        detach_from_trainer(module)
         _round(module, 0, 1)  # warm-up
         splits[mode] = profile_split(module, 1, args.meta_steps)
         seeds = TaskDataModule(**_data_args(args.config)).validation_seeds()

@@ -26,7 +26,7 @@ import yaml
 from lightning_lopt.meta.module import MetaTrainingModule
 from lightning_lopt.tasks import TaskDistribution
 
-__all__ = ["module_from_config", "measure", "main"]
+__all__ = ["detach_from_trainer", "module_from_config", "measure", "main"]
 
 
 def module_from_config(config: str | Path, **overrides: Any) -> MetaTrainingModule:
@@ -38,8 +38,10 @@ def module_from_config(config: str | Path, **overrides: Any) -> MetaTrainingModu
     return MetaTrainingModule(**{**args, "tasks": tasks, **overrides})
 
 
-def _detach_from_trainer(module: MetaTrainingModule) -> None:
-    opt = torch.optim.Adam(module.lopt.parameters(), lr=module.hparams.meta_lr)
+def detach_from_trainer(module: MetaTrainingModule, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+    """Let ``module.training_step`` run without a Trainer: its meta-optimizer (default Adam at the
+    module's ``meta_lr``) stepped directly, and no logging."""
+    opt = optimizer or torch.optim.Adam(module.lopt.parameters(), lr=module.hparams.meta_lr)
     module.optimizers = lambda: opt  # type: ignore[method-assign]
     module.manual_backward = lambda loss: loss.backward()  # type: ignore[method-assign]
     module.clip_gradients = lambda *a, **k: None  # type: ignore[method-assign]
@@ -73,7 +75,7 @@ def measure(
         # An installation older than the batched unroll has only the per-task one, and no es_unroll.
         extra = {"es_unroll": mode} if "es_unroll" in inspect.signature(MetaTrainingModule).parameters else {}
         modules[mode] = module_from_config(config, num_threads=1, **extra)
-        _detach_from_trainer(modules[mode])
+        detach_from_trainer(modules[mode])
     rates: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(rounds):
         for mode, module in modules.items():

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from lightning_lopt.bench.es_throughput import detach_from_trainer
 from lightning_lopt.meta.module import MetaTrainingModule
 
 __all__ = ["measure", "main"]
@@ -37,12 +38,7 @@ def _module(estimator: str, tasks: int, pairs: int, truncation: int, weights: Op
 
 def _one_round(module: MetaTrainingModule, seeds: Sequence[int], truncations: int) -> float:
     """Task-steps per second of ``truncations`` meta-steps (gradient estimate and meta-update)."""
-    opt = torch.optim.Adam(module.lopt.parameters(), lr=1e-4)
-    module.optimizers = lambda: opt  # type: ignore[method-assign]
-    module.manual_backward = lambda loss: loss.backward()  # type: ignore[method-assign]
-    module.clip_gradients = lambda *a, **k: None  # type: ignore[method-assign]
-    module.log_dict = lambda *a, **k: None  # type: ignore[method-assign]
-    module.log = lambda *a, **k: None  # type: ignore[method-assign]
+    detach_from_trainer(module, torch.optim.Adam(module.lopt.parameters(), lr=1e-4))
     module.slots = [None] * len(seeds)
     start = time.perf_counter()
     for k in range(truncations):
