@@ -68,7 +68,7 @@ def test_meta_progress_bar_counts_resumed_meta_steps(tmp_path: Path, cli_argv: N
 
     campaign = _config(tmp_path, "meta_train_campaign.yaml")
     args = ["-c", str(campaign), *[a for a in TINY if "progress_bar" not in a], "--trainer.devices=1",
-            "--trainer.strategy=auto"]
+            "--trainer.strategy=auto", "--trainer.callbacks+=lightning_lopt.callbacks.MetaTrainingProgressBar"]
     build_cli(["fit", *args, "--trainer.max_steps=3"])
     cli = build_cli(["fit", *args, "--trainer.max_steps=5", "--ckpt_path", "last"])
     bar = next(cb for cb in cli.trainer.callbacks if isinstance(cb, MetaTrainingProgressBar))
