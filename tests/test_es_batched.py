@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from torch import Tensor
 
 from lightning_lopt import HierarchicalRNN
 from lightning_lopt.bench.es_throughput import detach_from_trainer
@@ -51,8 +52,6 @@ def _lane_state(lopt: HierarchicalRNN, sizes: list[int], lanes: int, gen: torch.
     flat = HRNNState(*(torch.cat([getattr(s, f) for s in states]) for f in HRNNState._fields))
     return flat, torch.cat(points)
 
-
-Tensor = torch.Tensor
 
 
 @pytest.mark.parametrize("backend", ["eager", "cpp"])

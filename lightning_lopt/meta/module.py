@@ -556,7 +556,7 @@ class MetaTrainingModule(pl.LightningModule):
                     eps = self._perturbations(theta)
                     slot.xi = eps.clone() if slot.steps_done == 0 or slot.xi is None else slot.xi + eps
                 perturbed.append(antithetic(theta, eps))
-        if hp.get("es_unroll", "batched") == "batched":
+        if hp.es_unroll == "batched":
             results, ran_steps, diag = unroll_particle_slots(
                 self.lopt, self.slots, perturbed, hp.truncation_length, hp.meta_loss_max, diagnostics=want_diag
             )
