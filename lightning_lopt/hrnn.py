@@ -118,6 +118,7 @@ class _TensorCache:
 
 _PROBLEM_ROWS = _TensorCache()
 _PROBLEM_STARTS = _TensorCache()
+_TENSOR_STARTS = _TensorCache()
 
 
 def _problem_starts(layout: "Layout") -> Tensor:
@@ -127,6 +128,16 @@ def _problem_starts(layout: "Layout") -> Tensor:
         counts = layout.problem_elements.long()
         starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         _PROBLEM_STARTS[layout.problem_elements] = starts
+    return starts
+
+
+def _tensor_starts(layout: "Layout") -> Tensor:
+    """Where each tensor's elements start in the flat vector, and the end: ``(T + 1,)`` int64."""
+    starts = _TENSOR_STARTS.get(layout.tensor_ids)
+    if starts is None:
+        sizes = torch.tensor(layout.sizes, dtype=torch.int64)
+        starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+        _TENSOR_STARTS[layout.tensor_ids] = starts
     return starts
 
 
@@ -585,15 +596,19 @@ class HierarchicalRNN(nn.Module):
         the tensors' version counters, which every in-place update bumps): on a small model,
         packing them anew was a tenth of the step.
         """
-        if torch.is_grad_enabled() or self.param_rnn.weight_gates.dim() == 3:
+        if torch.is_grad_enabled():
             return self._pack_element_weights(dtype)
-        # data_ptr: module.to() and load_state_dict(assign=True) swap storage without a version bump.
-        key = (dtype, tuple((id(p), p._version, p.data_ptr()) for p in self._element_sources()))
+        # The sources themselves are held, so that a freed tensor's id and storage, reused by the
+        # next meta-step's per-particle weights, cannot match. data_ptr: module.to() and
+        # load_state_dict(assign=True) swap storage without a version bump.
+        sources = self._element_sources()
         cached = self.__dict__.get("_packed_weights")
-        if cached is None or cached[0] != key:
-            cached = (key, self._pack_element_weights(dtype))
+        if (cached is None or cached[0] != dtype or len(cached[1]) != len(sources)
+                or any(p is not q or p._version != v or p.data_ptr() != ptr
+                       for (p, v, ptr), q in zip(cached[1], sources))):
+            cached = (dtype, [(p, p._version, p.data_ptr()) for p in sources], self._pack_element_weights(dtype))
             self.__dict__["_packed_weights"] = cached
-        return cached[1]
+        return cached[2]
 
     def _element_sources(self) -> list[Tensor]:
         """The meta-parameters :meth:`_pack_element_weights` reads (what its cache depends on)."""
@@ -697,8 +712,24 @@ class HierarchicalRNN(nn.Module):
         if backend not in _BACKENDS:
             raise ValueError(f"Unknown backend {backend!r}; expected one of {_BACKENDS}.")
 
+        cpp = None
+        if backend in ("auto", "cpp") and not grad_mode and _cpp_applies(state, point, grad, out, dtype):
+            from lightning_lopt import kernels
+
+            # "auto" takes the kernel wherever it applies, building it on first use (once per
+            # machine): a rule that looked at the cache made results depend on the machine's history.
+            cpp = kernels.cpu_kernel()
+
         # ---- prelude (per tensor): problem-mean log lr, injected biases, lr and decay per tensor.
-        if reducer is None:
+        # Per-problem meta-parameters (each with a leading problem dimension, swapped in by
+        # torch.func.functional_call): every problem runs its own rule, as the particles of
+        # evolution-strategies meta-training do.
+        lanes = self.param_rnn.weight_gates.dim() == 3
+        if lanes and reducer is None and cpp is not None and state.log_lr.dtype == torch.float32:
+            # Lanes are contiguous runs: one pass, where two scatters over N elements cost more.
+            lr_mean_p = cpp.segment_sums([state.log_lr], _problem_starts(layout), False)[:, 0].to(dtype) \
+                / layout.problem_elements.to(dtype)
+        elif reducer is None:
             lr_mean_p = layout.problem_sum(state.log_lr, dtype) / layout.problem_elements.to(dtype)
         else:
             # Per tensor first: shards of one tensor are summed across ranks before the problem sum.
@@ -712,10 +743,6 @@ class HierarchicalRNN(nn.Module):
         rnn_dtype = self.h0_tensor.dtype
         h_tensor, h_global = state.h_tensor.to(rnn_dtype), state.h_global.to(rnn_dtype)
         h_global_t = h_global[pid]
-        # Per-problem meta-parameters (each with a leading problem dimension, swapped in by
-        # torch.func.functional_call): every problem runs its own rule, as the particles of
-        # evolution-strategies meta-training do.
-        lanes = self.param_rnn.weight_gates.dim() == 3
         rows_t = ProblemRows.of(pid) if lanes else None
         if lanes and (diagnostics or reducer is not None or self.param_rnn.weight_gates.shape[0] != layout.num_problems):
             raise ValueError(
@@ -734,14 +761,6 @@ class HierarchicalRNN(nn.Module):
 
         # ---- element level: the fused C++ kernel, or chunk by chunk.
         n = layout.numel
-        cpp = None
-        wants_cpp = backend in ("auto", "cpp") and not grad_mode
-        if wants_cpp and _cpp_applies(state, point, grad, out, dtype):
-            from lightning_lopt import kernels
-
-            # "auto" takes the kernel wherever it applies, building it on first use (once per
-            # machine): a rule that looked at the cache made results depend on the machine's history.
-            cpp = kernels.cpu_kernel()
         if lanes and cpp is not None and not all(t.is_contiguous() and t.dtype == torch.float32 for t in state
                                                   if t is not None):
             cpp = None
@@ -831,9 +850,13 @@ class HierarchicalRNN(nn.Module):
         if self.max_update_ratio is not None:
             # The update of a tensor is rs_d * step_d, element by element (step_d holds the lr).
             step_d = full[7] if new is None else scratch.ud
-            # Out of place: under vmap (meta-training's particles) the sums are batched.
-            squares = torch.zeros(t_count, 2, dtype=dtype, device=point.device).index_add(
-                0, tid, torch.stack([step_d.to(dtype).square(), theta_old.to(dtype).square()], 1))
+            if cpp is not None and theta_old.dtype == torch.float32 and theta_old.is_contiguous():
+                # One pass over contiguous tensors, where a scatter of N rows cost as much again.
+                squares = cpp.segment_sums([step_d, theta_old], _tensor_starts(layout), True)
+            else:
+                # Out of place: under vmap (meta-training's particles) the sums are batched.
+                squares = torch.zeros(t_count, 2, dtype=dtype, device=point.device).index_add(
+                    0, tid, torch.stack([step_d.to(dtype).square(), theta_old.to(dtype).square()], 1))
             if reducer is not None:
                 squares = reducer.tensor_sums(squares)
             norms = squares.sqrt()

@@ -97,6 +97,32 @@ def test_per_problem_meta_parameters_step_each_problem_with_its_own_rule(backend
         torch.testing.assert_close(out.state.h_global[i : i + 1], ref.state.h_global, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["eager", "cpp"])
+def test_per_problem_meta_parameters_swapped_in_anew_are_read_anew(backend):
+    """The packed meta-parameters are kept between steps: each meta-step's new per-particle tensors
+    (which may reuse a freed tensor's memory and id) must still be the ones the step reads."""
+    if backend == "cpp" and _KERNEL is None:
+        pytest.skip("the C++ kernel could not be built here")
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    gen = torch.Generator().manual_seed(0)
+    lopt = HierarchicalRNN.from_pretrained("default")
+    theta = flat_meta_parameters(lopt)
+    state, point = _lane_state(lopt, [20, 5], 2, gen)
+    layout = Layout.build([20, 5, 20, 5], problems=[0, 0, 1, 1])
+    grad = torch.randn(point.shape, generator=gen)
+
+    def run(seed: int) -> Tensor:
+        noise = torch.randn(2, theta.numel(), generator=torch.Generator().manual_seed(seed))
+        params = {k[len("lopt."):]: v for k, v in _stacked_parameters(lopt, theta + 0.3 * noise).items()}
+        with torch.no_grad(), _reparametrize_module(lopt, params):
+            return lopt.step(state, point, grad, layout, backend=backend).point
+
+    first, second = run(1), run(2)
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(run(1), first, rtol=0, atol=0)
+
+
 def _module(mode: str, estimator: str) -> MetaTrainingModule:
     tasks = TaskDistribution(
         family_weights={"mlp": 1.0, "quadratic": 1.0, "norm": 1.0, "logistic_regression": 1.0},

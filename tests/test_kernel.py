@@ -73,6 +73,27 @@ def test_kernel_equals_eager(problem: str, attention: bool) -> None:
     _assert_same(_run(lopt, problem, 5, "eager", chunk_size=0), _run(lopt, problem, 5, "cpp"))
 
 
+@pytest.mark.parametrize("problem", ["mixed", "tiles"])
+def test_kernel_with_trust_ratio_equals_eager(problem: str) -> None:
+    """The bound's per-tensor norms come from the kernel's segment sums on the fast path."""
+    bound, free = HierarchicalRNN(max_update_ratio=1e-6), HierarchicalRNN()
+    cpp = _run(bound, problem, 4, "cpp")
+    _assert_same(_run(bound, problem, 4, "eager", chunk_size=0), cpp)
+    assert not torch.allclose(_run(free, problem, 4, "cpp")[-1][0], cpp[-1][0])  # the bound binds here
+
+
+def test_segment_sums_equal_a_scatter() -> None:
+    gen = torch.Generator().manual_seed(0)
+    sizes = [3, 0, 17, 1, 40, 0, 2]  # empty segments, as a shard of a tensor may be
+    x, y = torch.randn(sum(sizes), generator=gen), torch.randn(sum(sizes), generator=gen)
+    ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    starts = torch.tensor([0] + sizes).cumsum(0)
+    for square in (True, False):
+        f = (lambda v: v.square()) if square else (lambda v: v)
+        expected = torch.zeros(len(sizes), 2).index_add(0, ids, torch.stack([f(x), f(y)], 1))
+        torch.testing.assert_close(_KERNEL.segment_sums([x, y], starts, square), expected)
+
+
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("problem", ["tiles", "one", "mixed"])

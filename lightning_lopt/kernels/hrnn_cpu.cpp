@@ -638,9 +638,44 @@ void apply_update(torch::Tensor theta_old, torch::Tensor step_d, torch::Tensor s
   });
 }
 
+// Segment sums of flat float32 vectors (of their squares with `square`): segment t is elements
+// [starts[t], starts[t + 1]), and column i of the result sums xs[i]. Accumulated in double, like the
+// element-level sums; a fixed order per segment, so the result does not depend on the thread count.
+torch::Tensor segment_sums(std::vector<torch::Tensor> xs, torch::Tensor starts, bool square) {
+  const int64_t T = starts.size(0) - 1, C = static_cast<int64_t>(xs.size());
+  TORCH_CHECK(C > 0, "segment_sums needs at least one vector");
+  const int64_t n = xs[0].size(0);
+  for (auto& x : xs) check(x, "x", at::kFloat, n, -1);
+  check(starts, "starts", at::kLong, T + 1, -1);
+  const int64_t* st = starts.data_ptr<int64_t>();
+  TORCH_CHECK(T >= 0 && st[0] >= 0 && st[T] <= n, "segment_sums: starts out of range");
+  auto result = torch::empty({T, C}, xs[0].options());
+  float* out = result.data_ptr<float>();
+  std::vector<const float*> ptr(C);
+  for (int64_t c = 0; c < C; ++c) ptr[c] = xs[c].data_ptr<float>();
+  at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t c = 0; c < C; ++c) {
+        const float* x = ptr[c];
+        double s = 0.0;
+        if (square) {
+#pragma omp simd reduction(+ : s)
+          for (int64_t e = st[t]; e < st[t + 1]; ++e) s += static_cast<double>(x[e]) * x[e];
+        } else {
+#pragma omp simd reduction(+ : s)
+          for (int64_t e = st[t]; e < st[t + 1]; ++e) s += static_cast<double>(x[e]);
+        }
+        out[t * C + c] = static_cast<float>(s);
+      }
+    }
+  });
+  return result;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("element_update", &element_update, "Fused element-level part of the hierarchical RNN step (CPU)");
   m.def("element_update_lanes", &element_update_lanes,
         "Fused element-level part for lanes of elements with their own weights (CPU)");
   m.def("apply_update", &apply_update, "Parameter update with per-tensor normalisers (CPU)");
+  m.def("segment_sums", &segment_sums, "Segment sums of flat vectors or of their squares (CPU)");
 }

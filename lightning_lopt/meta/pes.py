@@ -19,6 +19,8 @@ meta-parameters, and no autograd graph is built through the unroll.
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -45,6 +47,12 @@ __all__ = [
 
 ESTIMATORS = ("tbptt", "pes", "es_single")
 
+
+
+def _region(name: str) -> Any:
+    """A labelled range for ``torch.profiler`` (``bench.es_profile`` splits a meta-step by them);
+    outside a profile, nothing: the inner loop enters thousands of them per meta-step."""
+    return record_function(name) if torch.autograd._profiler_enabled() else contextlib.nullcontext()
 
 def clipped_meta_loss(loss: Tensor, initial_loss: Tensor, maximum: float) -> Tensor:
     """``log(f_t / f_0)`` (with the floors of :func:`~lightning_lopt.meta.meta_objective_terms`),
@@ -313,11 +321,11 @@ def unroll_particles(
     point, state = slot.point, slot.state
     ran = 0
     for t in range(steps):
-        with record_function("es/task_gradients"):
+        with _region("es/task_gradients"):
             batch = slot.task.sample_batch(slot.generator)
             batch = _to_device(batch, point.device)
             grads, _ = grads_and_losses(point, batch)
-        with record_function("es/gradient_transform"):
+        with _region("es/gradient_transform"):
             grads = _transform_particle_grads(slot, grads)
         finite_grad = torch.isfinite(grads).all(1)
         # A particle whose gradient is non-finite has diverged; zeros keep its lane harmless.
@@ -330,10 +338,10 @@ def unroll_particles(
                                  progress=progress).diagnostics
         # The step runs with grad mode on so that it takes its one-chunk reference path (its
         # inputs do not require grad, so no graph is recorded).
-        with torch.enable_grad(), record_function("es/rule_step"):
+        with torch.enable_grad(), _region("es/rule_step"):
             point, state = step(params, state, point, grads, progress)
         theta = state.theta if lopt.attention else point
-        with torch.no_grad(), record_function("es/task_losses"):
+        with torch.no_grad(), _region("es/task_losses"):
             losses = losses_at(theta, batch)
         finite = torch.isfinite(losses)
         if bool((losses[finite] < 0).any()):
@@ -470,7 +478,14 @@ def _run_lanes(
     initial = torch.cat([s.initial_loss.float().expand(p) for s, p in zip(slots, pairs2)])
     total = torch.zeros(lanes, dtype=torch.float32, device=device)
 
-    def lanes_with_nonfinite(flat: Tensor) -> Tensor:
+    clean = torch.zeros(lanes, dtype=torch.bool, device=device)
+
+    def lanes_with_nonfinite(flat: Tensor) -> Optional[Tensor]:
+        """Which lanes hold a non-finite element; None when none does."""
+        # A finite sum has only finite terms: one reduction settles the usual case, where the
+        # per-lane scatter below costs as much as a tenth of the update rule.
+        if bool(torch.isfinite(flat.sum())):
+            return None
         bad = (~torch.isfinite(flat)).to(torch.float32)
         return torch.zeros(lanes, dtype=torch.float32, device=device).index_add_(0, lane_of, bad) > 0
     # Each particle runs its own meta-parameters, swapped in for the whole run.
@@ -478,34 +493,36 @@ def _run_lanes(
         for t in range(steps):
             batches, grads = [], []
             for slot, x, fn in zip(slots, views(point), loss_fns):
-                with torch.enable_grad(), record_function("es/task_gradients"):
+                with torch.enable_grad(), _region("es/task_gradients"):
                     batch = _to_device(slot.task.sample_batch(slot.generator), device)
                     xg = x.detach().requires_grad_(True)
                     (g,) = torch.autograd.grad(fn(xg, batch).sum(), xg)
-                with record_function("es/gradient_transform"):
+                with _region("es/gradient_transform"):
                     grads.append(_transform_particle_grads(slot, g).reshape(-1))
                 batches.append(batch)
             grad = torch.cat(grads)
             bad_grad = lanes_with_nonfinite(grad)
-            dead = dead | bad_grad
-            # A particle whose gradient is non-finite has diverged; zeros keep its lane harmless.
-            grad = torch.where(bad_grad[lane_of], torch.zeros_like(grad), grad)
+            if bad_grad is not None:
+                dead = dead | bad_grad
+                # A particle whose gradient is non-finite has diverged; zeros keep its lane harmless.
+                grad = torch.where(bad_grad[lane_of], torch.zeros_like(grad), grad)
             progress = None
             if lopt.progress_input:
                 progress = torch.cat([torch.full((p,), (s.steps_done + t) / s.length, device=device)
                                       for s, p in zip(slots, pairs2)])
-            with torch.no_grad(), record_function("es/rule_step"):
+            with torch.no_grad(), _region("es/rule_step"):
                 out = lopt.step(state, point, grad, layout, progress=progress)
             point, state = out.point, out.state
             theta = state.theta if lopt.attention else point
             with torch.no_grad():
                 for k, (th, fn, batch) in enumerate(zip(views(theta), loss_fns, batches)):
-                    with record_function("es/task_losses"):
+                    with _region("es/task_losses"):
                         last[k] = fn(th, batch)
                 losses = torch.cat(last)
                 finite = torch.isfinite(losses)
                 negative = negative | (torch.where(finite, losses, torch.zeros_like(losses)) < 0).any()
-                dead = dead | ~finite | lanes_with_nonfinite(theta)
+                bad_theta = lanes_with_nonfinite(theta)
+                dead = dead | ~finite | (clean if bad_theta is None else bad_theta)
                 terms = clipped_meta_loss(losses.float(), initial, meta_loss_max)
                 total += torch.where(dead, torch.full_like(terms, meta_loss_max), terms)
     if bool(negative):
