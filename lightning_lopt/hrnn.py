@@ -28,6 +28,10 @@ __all__ = ["BiasGRU", "HierarchicalRNN", "HRNNState", "Layout", "StepDiagnostics
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 PROGRESS_CENTERS: tuple[float, ...] = (0.03, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.1)
+LR_ADAPTATIONS: tuple[Optional[str], ...] = (None, "learned", "hypergradient")
+_ZERO_INIT_INPUTS = frozenset({"w_gain"})
+LOSS_DECAY = 0.9
+"""Decay of the running mean of the log loss that the step-gain features compare each loss with."""
 """Centres ``c`` of the training-progress features ``tanh(10 * (x - c))`` (VeLO's embedding):
 dense early, where a run's character changes fastest, and one past the end for overruns."""
 
@@ -283,8 +287,10 @@ class HRNNState(NamedTuple):
         log_lr: Smoothed log learning rate ``eta``, ``(N,)``.
         theta: The true parameters when attention is on (the model holds the attended point);
             ``None`` otherwise.
-        h_tensor: Tensor-RNN state, ``(T, tensor_units)``.
-        h_global: Global-RNN state, ``(P, global_units)``.
+        h_tensor: Per-tensor state, ``(T, tensor_units)``: the tensor RNN's; with ``lr_adaptation``
+            one more column, the tensor's log step gain.
+        h_global: Per-problem state, ``(P, global_units)``: the global RNN's; with ``lr_adaptation``
+            two more columns, the running mean of the log loss and its weight (0: no loss seen).
     """
 
     h_param: Tensor
@@ -386,6 +392,17 @@ class HierarchicalRNN(nn.Module):
             does). An unknown horizon gives all-zero features, a pattern no known horizon
             produces (each ``x`` drives most features to +-1). Needs ``hierarchy``.
         progress_centers: Centres of the training-progress embedding.
+        lr_adaptation: A per-tensor step gain ``exp(g)`` on top of the rule's update, where ``g``
+            integrates, step by step, the alignment of the gradient with the rescaled momentum at
+            each timescale (positive: the steps go on in one direction, so they are too small;
+            negative: they overshoot) and, from the loss that ``step`` is given, the log of the
+            loss over its running mean and that value's positive part (a spike).
+            ``"learned"``: ``g += w_gain . features``, with ``w_gain`` a meta-parameter (zero: the
+            rule unchanged); ``"hypergradient"``: the hand-designed baseline, hypergradient descent
+            on the log step size (Baydin et al., 2018), ``g += hypergradient_lr * alignment`` at the
+            fastest timescale. None: no gain.
+        hypergradient_lr: The hypergradient step on the log gain, for ``lr_adaptation="hypergradient"``.
+        log_gain_bounds: Bounds of the log gain ``g``.
         max_update_ratio: A trust-ratio bound: each tensor's update is scaled down, where needed, so
             that its norm is at most this fraction of the tensor's norm before the step (tensors of
             norm zero, such as zero-initialised biases, are not bound). None: no bound.
@@ -415,6 +432,9 @@ class HierarchicalRNN(nn.Module):
         progress_input: bool = False,
         max_update_ratio: Optional[float] = None,
         progress_centers: tuple[float, ...] = PROGRESS_CENTERS,
+        lr_adaptation: Optional[str] = None,
+        hypergradient_lr: float = 0.02,
+        log_gain_bounds: tuple[float, float] = (-7.0, 3.0),
         gate_bias: float = 2.2,
         shortcut_init: float = 0.25,
         shortcut_init_std: float = 0.05,
@@ -460,6 +480,17 @@ class HierarchicalRNN(nn.Module):
             epsilon=epsilon,
             seed=seed,
         )
+        if lr_adaptation not in LR_ADAPTATIONS:
+            raise ValueError(f"lr_adaptation must be one of {LR_ADAPTATIONS}, got {lr_adaptation!r}.")
+        if not log_gain_bounds[0] <= 0.0 <= log_gain_bounds[1]:
+            raise ValueError(f"log_gain_bounds must be (low, high) with low <= 0 <= high, got {log_gain_bounds}.")
+        # Saved only when set, so that the weights of a rule without a gain keep their config.
+        if lr_adaptation is not None:
+            self.config.update(lr_adaptation=lr_adaptation, hypergradient_lr=float(hypergradient_lr),
+                               log_gain_bounds=[float(b) for b in log_gain_bounds])
+        self.lr_adaptation = lr_adaptation
+        self.hypergradient_lr = float(hypergradient_lr)
+        self.log_gain_bounds = (float(log_gain_bounds[0]), float(log_gain_bounds[1]))
         self.attention = attention
         self.hierarchy = hierarchy
         self.progress_input = progress_input
@@ -504,6 +535,9 @@ class HierarchicalRNN(nn.Module):
         self.h0_param = nn.Parameter(torch.empty(hp).uniform_(-1.0, 1.0, generator=gen))
         self.h0_tensor = nn.Parameter(torch.empty(ht).uniform_(-1.0, 1.0, generator=gen))
         self.h0_global = nn.Parameter(torch.empty(hg).uniform_(-1.0, 1.0, generator=gen))
+        if lr_adaptation == "learned":
+            # Zero: the gain stays 1 and the rule is the one without it, so ES starts from there.
+            self.w_gain = nn.Parameter(torch.zeros(K + 2))
         self.last_backend: Optional[str] = None
         """Which path ran the element-level part of the last step: "cpp", "triton", "compiled" or "eager"."""
 
@@ -529,6 +563,34 @@ class HierarchicalRNN(nn.Module):
     def global_units(self) -> int:
         """Hidden units of the global RNN."""
         return self.global_rnn.hidden_size
+
+    @property
+    def tensor_state_width(self) -> int:
+        """Columns of the per-tensor state: the tensor RNN's units, and the log gain with ``lr_adaptation``."""
+        return self.tensor_units + (1 if self.lr_adaptation else 0)
+
+    @property
+    def global_state_width(self) -> int:
+        """Columns of the per-problem state: the global RNN's units, and the loss statistics with ``lr_adaptation``."""
+        return self.global_units + (2 if self.lr_adaptation else 0)
+
+    def set_lr_adaptation(self, mode: Optional[str], hypergradient_lr: Optional[float] = None) -> None:
+        """Switch the step gain (see the class's ``lr_adaptation``); a state made before no longer fits.
+
+        ``"learned"`` needs weights that have ``w_gain``.
+        """
+        if mode not in LR_ADAPTATIONS:
+            raise ValueError(f"lr_adaptation must be one of {LR_ADAPTATIONS}, got {mode!r}.")
+        if mode == "learned" and not hasattr(self, "w_gain"):
+            raise ValueError("lr_adaptation='learned' needs weights meta-trained with it (they hold w_gain).")
+        self.lr_adaptation = mode
+        if hypergradient_lr is not None:
+            self.hypergradient_lr = float(hypergradient_lr)
+        for key in ("lr_adaptation", "hypergradient_lr", "log_gain_bounds"):
+            self.config.pop(key, None)
+        if mode is not None:
+            self.config.update(lr_adaptation=mode, hypergradient_lr=self.hypergradient_lr,
+                               log_gain_bounds=list(self.log_gain_bounds))
 
     # ------------------------------------------------------------------ state
 
@@ -567,9 +629,24 @@ class HierarchicalRNN(nn.Module):
             beta_sc=zeros.clone(),
             log_lr=log_lr,
             theta=theta if self.attention else None,
-            h_tensor=self.h0_tensor.to(device, dtype).expand(t, -1).clone(),
-            h_global=self.h0_global.to(device, dtype).expand(layout.num_problems, -1).clone(),
+            h_tensor=self.initial_tensor_state(self.h0_tensor, t).to(device, dtype),
+            h_global=self.initial_global_state(self.h0_global, layout.num_problems).to(device, dtype),
         )
+
+    def initial_tensor_state(self, h0: Tensor, rows: int) -> Tensor:
+        """``rows`` per-tensor states from the RNN's initial state ``h0`` (``(units,)``, or ``(B, units)``
+        for ``B`` particles, giving ``(B, rows, width)``): the log gains start at 0."""
+        h = h0.unsqueeze(-2).expand(*h0.shape[:-1], rows, h0.shape[-1])
+        if not self.lr_adaptation:
+            return h.clone()
+        return torch.cat([h, h.new_zeros(*h.shape[:-1], 1)], -1)
+
+    def initial_global_state(self, h0: Tensor, rows: int) -> Tensor:
+        """As :meth:`initial_tensor_state`, per problem: the loss statistics start empty."""
+        h = h0.unsqueeze(-2).expand(*h0.shape[:-1], rows, h0.shape[-1])
+        if not self.lr_adaptation:
+            return h.clone()
+        return torch.cat([h, h.new_zeros(*h.shape[:-1], 2)], -1)
 
     # ------------------------------------------------------------------ the update rule
 
@@ -659,6 +736,7 @@ class HierarchicalRNN(nn.Module):
         backend: str = "auto",
         reducer: Optional[StepReducer] = None,
         progress: Union[float, Tensor, None] = None,
+        loss: Union[float, Tensor, None] = None,
     ) -> StepOutput:
         """One optimizer step over a flat vector. Pure and differentiable.
 
@@ -700,6 +778,10 @@ class HierarchicalRNN(nn.Module):
             progress: Fraction of training done before this step, ``step / total_steps``: a float
                 or a per-problem ``(P,)`` tensor (NaN marks a problem whose horizon is unknown);
                 None: unknown. Read only with ``progress_input``, else ignored.
+            loss: The loss at ``point`` (what ``optimizer.step(closure)`` returns): a float or a
+                per-problem ``(P,)`` tensor; None, or a non-finite or non-positive value: unknown
+                (its features are then 0 and its running mean is left as it was). Read only with
+                ``lr_adaptation``, else ignored.
         """
         dtype = point.dtype
         cst = self._constants()
@@ -742,6 +824,14 @@ class HierarchicalRNN(nn.Module):
         # the point's (float64 parameters keep float64 updates).
         rnn_dtype = self.h0_tensor.dtype
         h_tensor, h_global = state.h_tensor.to(rnn_dtype), state.h_global.to(rnn_dtype)
+        gain_mode = self.lr_adaptation
+        if gain_mode:
+            # The gain's columns ride on the per-tensor and per-problem states; read before the
+            # element level, which may overwrite the accumulators the alignment is taken with.
+            log_gain, loss_stats = h_tensor[:, self.tensor_units], h_global[:, self.global_units:]
+            h_tensor, h_global = h_tensor[:, : self.tensor_units], h_global[:, : self.global_units]
+            new_log_gain, new_loss_stats = self._step_gain(state, grad, layout, reducer, cpp, loss, log_gain,
+                                                           loss_stats)
         h_global_t = h_global[pid]
         rows_t = ProblemRows.of(pid) if lanes else None
         if lanes and (diagnostics or reducer is not None or self.param_rnn.weight_gates.shape[0] != layout.num_problems):
@@ -847,6 +937,13 @@ class HierarchicalRNN(nn.Module):
         else:
             new_h_tensor, new_h_global = h_tensor, h_global
         theta_old = state.theta if self.attention else point
+        if gain_mode:
+            gain = torch.exp(new_log_gain).to(dtype)
+            rs_d, rs_a = rs_d * gain, rs_a * gain
+            new_h_tensor_state = torch.cat([new_h_tensor, new_log_gain.unsqueeze(1).to(new_h_tensor.dtype)], 1)
+            new_h_global_state = torch.cat([new_h_global, new_loss_stats.to(new_h_global.dtype)], 1)
+        else:
+            new_h_tensor_state, new_h_global_state = new_h_tensor, new_h_global
         if self.max_update_ratio is not None:
             # The update of a tensor is rs_d * step_d, element by element (step_d holds the lr).
             step_d = full[7] if new is None else scratch.ud
@@ -878,8 +975,8 @@ class HierarchicalRNN(nn.Module):
                 beta_sc=bsc.to(sd),
                 log_lr=llr.to(sd),
                 theta=theta.to(state.theta.dtype) if self.attention else None,
-                h_tensor=new_h_tensor.to(sd),
-                h_global=new_h_global.to(sd),
+                h_tensor=new_h_tensor_state.to(sd),
+                h_global=new_h_global_state.to(sd),
             )
             diag = None
             if diagnostics:
@@ -887,7 +984,8 @@ class HierarchicalRNN(nn.Module):
                 diag = StepDiagnostics(
                     beta_in=bi.detach(),
                     beta_sc=bsc.detach(),
-                    log_step_size=(lls + self.step_offset + torch.log(lr_e)).detach(),
+                    log_step_size=(lls + self.step_offset + torch.log(lr_e)
+                                   + (new_log_gain[tid].to(dtype) if gain_mode else 0.0)).detach(),
                     update=(theta - theta_old).detach(),
                     attention_offset=(phi - theta).detach(),
                     theta=theta.detach(),
@@ -921,8 +1019,8 @@ class HierarchicalRNN(nn.Module):
                 point_new[sl].copy_(phi)
             else:
                 point_new[sl].copy_(theta)
-        new.h_tensor.copy_(new_h_tensor)
-        new.h_global.copy_(new_h_global)
+        new.h_tensor.copy_(new_h_tensor_state)
+        new.h_global.copy_(new_h_global_state)
         new_state = new._replace(theta=theta_new) if self.attention else new
         diag = None
         if diagnostics:
@@ -934,7 +1032,8 @@ class HierarchicalRNN(nn.Module):
             diag = StepDiagnostics(
                 beta_in=new.beta_in.to(dtype).clone(),
                 beta_sc=new.beta_sc.to(dtype).clone(),
-                log_step_size=log_lr_step + self.step_offset.detach().to(dtype) + torch.log(lr_t[tid]),
+                log_step_size=log_lr_step + self.step_offset.detach().to(dtype) + torch.log(lr_t[tid])
+                + (new_log_gain[tid].to(dtype) if gain_mode else 0.0),
                 update=theta_now - old_theta,
                 attention_offset=point_new.to(dtype) - theta_now,
                 theta=theta_now.clone(),
@@ -942,6 +1041,64 @@ class HierarchicalRNN(nn.Module):
                 h_global=new_h_global.detach().clone(),
             )
         return StepOutput(point_new, new_state, diag)
+
+    def _step_gain(
+        self,
+        state: HRNNState,
+        grad: Tensor,
+        layout: Layout,
+        reducer: Optional[StepReducer],
+        cpp: Any,
+        loss: Union[float, Tensor, None],
+        log_gain: Tensor,
+        loss_stats: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """The new per-tensor log gains ``(T,)`` and per-problem loss statistics ``(P, 2)``.
+
+        Features per tensor: the cosine of the gradient with the rescaled momentum ``m_s / sqrt(v_s)``
+        of the last step at each timescale ``s`` (the direction the rule's updates mostly follow: it
+        stands in for the previous update, so that no per-element state is added), then the log of
+        the problem's loss over the running mean of its log loss, clipped to +-3, and that value's
+        positive part.
+        """
+        dtype, tid, pid = log_gain.dtype, layout.tensor_ids, layout.problem_ids
+        k = self.num_timescales
+        g = grad.to(dtype)
+        x = state.momentum.to(dtype) * torch.rsqrt(state.mean_square.to(dtype) + self.epsilon)
+        if cpp is not None and dtype == torch.float32 and reducer is None:
+            # Contiguous columns through the segment sums: one pass each, no scatter of N rows.
+            cols = list(x.t().contiguous())
+            starts = _tensor_starts(layout)
+            gx = cpp.segment_sums([(g * c).contiguous() for c in cols], starts, False)
+            squares = cpp.segment_sums(cols + [g.contiguous()], starts, True)
+            sums = torch.cat([gx, squares], 1)
+        else:
+            sums = torch.zeros(layout.num_tensors, 2 * k + 1, dtype=dtype, device=g.device).index_add(
+                0, tid, torch.cat([g.unsqueeze(1) * x, x.square(), g.square().unsqueeze(1)], 1))
+        if reducer is not None:
+            sums = reducer.tensor_sums(sums)
+        # Norms taken apart, so that their product cannot underflow where both are tiny.
+        align = (sums[:, :k] / (sums[:, k : 2 * k].sqrt() * sums[:, 2 * k :].sqrt() + 1e-30)).clamp(-1.0, 1.0)
+
+        ratio, stats = torch.zeros(layout.num_problems, dtype=dtype, device=g.device), loss_stats
+        if loss is not None:
+            value = torch.as_tensor(loss, device=g.device).detach().to(dtype).reshape(-1).expand(layout.num_problems)
+            valid = torch.isfinite(value) & (value > 0)
+            log_loss = torch.log(torch.where(valid, value, torch.ones_like(value)))
+            mean, weight = loss_stats[:, 0], loss_stats[:, 1]
+            seen = weight > 0
+            ratio = torch.where(valid & seen, (log_loss - mean / torch.where(seen, weight, torch.ones_like(weight)))
+                                .clamp(-3.0, 3.0), torch.zeros_like(value))
+            stats = torch.stack([torch.where(valid, LOSS_DECAY * mean + (1 - LOSS_DECAY) * log_loss, mean),
+                                 torch.where(valid, LOSS_DECAY * weight + (1 - LOSS_DECAY), weight)], 1)
+        if self.lr_adaptation == "hypergradient":
+            delta = self.hypergradient_lr * align[:, 0]
+        else:
+            features = torch.cat([align, ratio[pid].unsqueeze(1), ratio.clamp(min=0.0)[pid].unsqueeze(1)], 1)
+            w = self.w_gain.to(dtype)
+            delta = (features * (w[pid] if w.dim() == 2 else w)).sum(1)
+        low, high = self.log_gain_bounds
+        return (log_gain + delta).clamp(low, high), stats
 
     def _tensor_and_global(
         self,
@@ -1057,7 +1214,10 @@ class HierarchicalRNN(nn.Module):
     def load_weights(self, tensors: dict[str, Tensor], source: str = "the weights") -> None:
         """Copy meta-parameters in, raising an error that names every missing, extra or misshapen one."""
         own = self.state_dict()
-        missing = sorted(set(own) - set(tensors))
+        # A new input's weights start at zero, where the rule is the one without that input: weights
+        # saved before it load into a rule that has it (a meta-training run that adds the input).
+        neutral = {k: own[k] for k in set(own) - set(tensors) if k in _ZERO_INIT_INPUTS}
+        missing = sorted(set(own) - set(tensors) - set(neutral))
         extra = sorted(set(tensors) - set(own))
         shapes = [
             f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
@@ -1073,7 +1233,7 @@ class HierarchicalRNN(nn.Module):
             if shapes:
                 parts.append("shape mismatch " + "; ".join(shapes))
             raise ValueError(f"{source} does not match this HierarchicalRNN ({self.config}): " + ", ".join(parts))
-        self.load_state_dict(tensors)
+        self.load_state_dict({**neutral, **tensors})
 
 
 # ---------------------------------------------------------------------------- the element-level part

@@ -16,6 +16,7 @@ from lightning_lopt.hrnn import (
     DEFAULT_CHUNK,
     WEIGHTS_DIR,
     HierarchicalRNN,
+    LR_ADAPTATIONS,
     HRNNState,
     Layout,
     StepDiagnostics,
@@ -206,6 +207,12 @@ class HierarchicalRNNOptimizer(Optimizer):
             this fraction of the tensor's norm (tensors of norm zero are not bound); inf turns a
             bound off. None: the weights' own setting (max_update_ratio in their config; the
             shipped default weights carry one).
+        lr_adaptation: A per-tensor step gain on top of the rule (see HierarchicalRNN):
+            "hypergradient" adapts each tensor's log step size by hypergradient descent (Baydin et
+            al., 2018); "learned" uses the gain the weights were meta-trained with (they must hold
+            one); "none" turns a gain off. None: the weights' own setting. The gain reads the loss that a closure returns; stepped
+            without a closure it uses the gradient alignment alone.
+        hypergradient_lr: Step of the hypergradient descent on each tensor's log step size.
 
     Sharded parameters (DTensors from ``fully_shard``, ``Shard`` or ``Replicate`` on one 1-D mesh)
     are stepped shard by shard; each rank keeps state for its local shard only, and the per-tensor
@@ -232,6 +239,8 @@ class HierarchicalRNNOptimizer(Optimizer):
         problem_group: Optional[Any] = None,
         total_steps: Optional[int] = None,
         max_update_ratio: Optional[float] = None,
+        lr_adaptation: Optional[str] = None,
+        hypergradient_lr: float = 0.02,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning-rate multiplier lr={lr}: it must be >= 0.")
@@ -246,6 +255,15 @@ class HierarchicalRNNOptimizer(Optimizer):
                 raise ValueError("Set max_update_ratio on the HierarchicalRNN passed as weights, not here.")
             self.lopt.max_update_ratio = None if math.isinf(max_update_ratio) else float(max_update_ratio)
             self.lopt.config["max_update_ratio"] = self.lopt.max_update_ratio
+        if lr_adaptation is not None:
+            modes = [m for m in LR_ADAPTATIONS if m] + ["none"]
+            if lr_adaptation not in modes:
+                raise ValueError(f"Invalid lr_adaptation={lr_adaptation!r}: use one of {modes}.")
+            if not hypergradient_lr > 0:
+                raise ValueError(f"Invalid hypergradient_lr={hypergradient_lr}: it must be > 0.")
+            if isinstance(weights, HierarchicalRNN):
+                raise ValueError("Set lr_adaptation on the HierarchicalRNN passed as weights, not here.")
+            self.lopt.set_lr_adaptation(None if lr_adaptation == "none" else lr_adaptation, hypergradient_lr)
         if not isinstance(weights, HierarchicalRNN):  # a module passed in may be under meta-training: leave it be
             for p in self.lopt.parameters():
                 p.requires_grad_(False)
@@ -437,12 +455,19 @@ class HierarchicalRNNOptimizer(Optimizer):
                     f"{[local_tensor(p).numel() for p in params]}."
                 )
             lo = self.lopt
-            widths = dict(h_param=lo.param_units, momentum=lo.num_timescales, h_tensor=lo.tensor_units, h_global=lo.global_units)
+            widths = dict(h_param=lo.param_units, momentum=lo.num_timescales, h_tensor=lo.tensor_state_width,
+                          h_global=lo.global_state_width)
             wrong = [f"{k} width {saved[k].shape[-1]} vs {w}" for k, w in widths.items() if saved[k].shape[-1] != w]
             if (saved["theta"] is not None) != lo.attention:
                 wrong.append(f"attention {saved['theta'] is not None} vs {lo.attention}")
             if wrong:
-                raise ValueError(f"The saved HierarchicalRNNOptimizer state does not match these weights: {', '.join(wrong)}.")
+                hint = ""
+                if saved["h_tensor"].shape[-1] - lo.tensor_units in (0, 1) and \
+                        saved["h_tensor"].shape[-1] != lo.tensor_state_width:
+                    hint = (" The state was saved with a step gain and these weights have none, or the other way"
+                            " round: pass the same lr_adaptation as when it was saved.")
+                raise ValueError(
+                    f"The saved HierarchicalRNNOptimizer state does not match these weights: {', '.join(wrong)}.{hint}")
         super().load_state_dict(state_dict)
         st = self.state.get(STATE_KEY)
         if st is not None:
@@ -745,6 +770,8 @@ class HierarchicalRNNOptimizer(Optimizer):
             fast.update(out=state, out_point=self._point_buffer)
         if self.lopt.progress_input:
             fast.update(progress=self.progress)
+        if self.lopt.lr_adaptation:
+            fast.update(loss=self._shared_loss(loss, device))
         out = self.lopt.step(state, point, grad, layout, lr=lr, weight_decay=wd, diagnostics=diagnostics, **fast)
         new = out.state
         finite = self._finite_result(out, act_params, check_state=not in_place)
@@ -783,6 +810,21 @@ class HierarchicalRNNOptimizer(Optimizer):
         self.last_diagnostics_tensors = list(active) if diagnostics else None
         self._diagnostics_requested = False
         return loss
+
+    def _shared_loss(self, loss: Any, device: torch.device) -> Optional[Tensor]:
+        """The closure's loss as one value that every process agrees on (their mean), so that
+        replicas under DDP or a shard group take the same step; None where there is no loss."""
+        if isinstance(loss, (int, float)):
+            loss = torch.tensor(float(loss))
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            return None
+        value = loss.detach().reshape(()).to(device, torch.float32)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            value = value.clone()
+            torch.distributed.all_reduce(value)
+            value /= torch.distributed.get_world_size()
+        return value
 
     def __repr__(self) -> str:
         groups = ", ".join(f"(lr={g['lr']}, weight_decay={g['weight_decay']}, n={len(g['params'])})" for g in self.param_groups)

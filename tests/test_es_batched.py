@@ -123,7 +123,7 @@ def test_per_problem_meta_parameters_swapped_in_anew_are_read_anew(backend):
     torch.testing.assert_close(run(1), first, rtol=0, atol=0)
 
 
-def _module(mode: str, estimator: str) -> MetaTrainingModule:
+def _module(mode: str, estimator: str, **kwargs) -> MetaTrainingModule:
     tasks = TaskDistribution(
         family_weights={"mlp": 1.0, "quadratic": 1.0, "norm": 1.0, "logistic_regression": 1.0},
         gradient_noise_prob=0.5,
@@ -132,7 +132,7 @@ def _module(mode: str, estimator: str) -> MetaTrainingModule:
     module = MetaTrainingModule(
         tasks=tasks, init_weights="default", tasks_per_step=3,
         gradient_estimator=estimator, pes_pairs=2, truncation_length=12, task_lengths=(8, 30),
-        meta_lr=1e-3, es_unroll=mode,
+        meta_lr=1e-3, es_unroll=mode, **kwargs,
     )
     # Plain SGD: the meta-parameters move by the estimates themselves (Adam's normalisation would
     # turn rounding-level differences of near-zero entries into whole steps).
@@ -162,6 +162,19 @@ def test_batched_unroll_gives_the_per_task_estimate(estimator):
         torch.testing.assert_close(b.point, a.point, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(b.state.log_lr, a.state.log_lr, rtol=1e-4, atol=1e-4)
         assert torch.equal(a.dead, b.dead)
+
+
+def test_batched_unroll_gives_the_per_task_estimate_with_a_learned_step_gain():
+    """The gain's weights start at zero on the default weights, get estimates, and both paths agree."""
+    modules = {mode: _module(mode, "es_single", lopt_config={"lr_adaptation": "learned"},
+                             meta_parameters=["w_*", "b_*"]) for mode in ("per_task", "batched")}
+    for k in range(3):
+        seeds = torch.arange(200 + 3 * k, 203 + 3 * k)
+        for m in modules.values():
+            m.training_step({"index": torch.tensor(k), "seeds": seeds}, k)
+    ref, fast = modules["per_task"].lopt, modules["batched"].lopt
+    assert bool((ref.w_gain != 0).all())
+    torch.testing.assert_close(flat_meta_parameters(fast), flat_meta_parameters(ref), rtol=1e-5, atol=1e-6)
 
 
 def test_batched_unroll_with_progress_input_and_diagnostics():

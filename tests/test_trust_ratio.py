@@ -86,3 +86,17 @@ def test_sweep_prints_a_row_per_task_with_each_bound(capsys):
     assert "| task | Adam 1e-3 | bound none | bound 0.01 |" in out
     row = next(line for line in out.splitlines() if line.startswith("| d "))
     assert len(row.split("|")) == 6 and all(float(c) > 0 for c in row.split("|")[2:5])
+
+
+def test_sweep_sets_the_step_gain(capsys):
+    from lightning_lopt.bench import trust_sweep
+
+    assert trust_sweep.bounded("default", 0.01, "hypergradient=0.05").lr_adaptation == "hypergradient"
+    assert trust_sweep.bounded("default", 0.01, "hypergradient=0.05").hypergradient_lr == 0.05
+    trust_sweep.main(["--tasks", "d", "--ratios", "0.01", "--lr-adaptations", "none,hypergradient", "--seeds", "1",
+                      "--steps-scale", "0.02"])
+    out = capsys.readouterr().out
+    assert "| task | Adam 1e-3 | bound 0.01, gain none | bound 0.01, gain hypergradient |" in out
+    row = next(line for line in out.splitlines() if line.startswith("| d "))
+    first, second = (float(c) for c in row.split("|")[3:5])
+    assert first > 0 and second > 0 and first != second  # the gain changed the run

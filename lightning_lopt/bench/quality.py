@@ -323,7 +323,8 @@ def run_one(
             grads = task.transform_grads(grads, noise_gen)
             for p, g in zip(params, grads):
                 p.grad = g
-            opt.step()
+            # A closure, as Lightning passes one: a step gain reads the loss it returns.
+            opt.step(lambda: loss)
             if scheduler is not None:
                 scheduler.step()
             value = float(loss.detach())

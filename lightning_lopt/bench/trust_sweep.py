@@ -1,11 +1,15 @@
-"""The learned optimizer on the benchmark's tasks under several trust-ratio bounds (``max_update_ratio``).
+"""The learned optimizer on the benchmark's tasks under several trust-ratio bounds (``max_update_ratio``)
+and step gains (``lr_adaptation``).
 
 Each run is the quality benchmark's learned run (:func:`lightning_lopt.bench.quality.run_one`: the
 same tasks, steps, seeds and final training loss at the true parameters), with the weights' own
-bound replaced by each value of ``--ratios`` (``none``: no bound). Prints the mean final loss per
-task and bound, with Adam at 1e-3 from the same runner for reference.
+bound replaced by each value of ``--ratios`` (``none``: no bound) and, for each of those, the step
+gain set to each of ``--lr-adaptations`` (``weights``: the weights' own; ``none``; ``hypergradient``
+or ``hypergradient=BETA``; ``learned``). Prints the mean final loss per task and setting, with Adam
+at 1e-3 from the same runner for reference.
 
     python -m lightning_lopt.bench.trust_sweep --jobs 2
+    python -m lightning_lopt.bench.trust_sweep --jobs 2 --ratios 0.01 --lr-adaptations none,hypergradient
 """
 
 from __future__ import annotations
@@ -26,22 +30,28 @@ from lightning_lopt.tasks.benchmark import TASKS, build_task, resolve_task_keys
 __all__ = ["bounded", "main"]
 
 
-def bounded(weights: str, ratio: Optional[float]) -> HierarchicalRNN:
-    """``weights`` with ``max_update_ratio`` set to ``ratio`` (None: no bound)."""
+def bounded(weights: str, ratio: Optional[float], lr_adaptation: str = "weights") -> HierarchicalRNN:
+    """``weights`` with ``max_update_ratio`` set to ``ratio`` (None: no bound) and the step gain set
+    to ``lr_adaptation`` (``"weights"``: the weights' own; ``"none"``; ``"hypergradient[=BETA]"``;
+    ``"learned"``)."""
     config, tensors, source = _read_weights(weights)
     lopt = HierarchicalRNN(**{**config, "max_update_ratio": ratio})
     lopt.load_weights(tensors, source=source)
+    if lr_adaptation != "weights":
+        mode, _, beta = lr_adaptation.partition("=")
+        lopt.set_lr_adaptation(None if mode == "none" else mode, float(beta) if beta else None)
     return lopt
 
 
-def _run(task: str, ratio: Optional[float], seed: int, weights: str, steps_scale: float) -> dict[str, Any]:
+def _run(task: str, setting: Optional[tuple[Optional[float], str]], seed: int, weights: str,
+         steps_scale: float) -> dict[str, Any]:
     torch.set_num_threads(1)
     steps = max(1, int(round(TASKS[task].steps * steps_scale)))
-    if ratio is not None and ratio < 0:  # Adam 1e-3, the reference
+    if setting is None:  # Adam 1e-3, the reference
         record = run_one(build_task(task), OptimizerConfig("adam", 1e-3), seed, steps)
     else:
-        record = run_one(build_task(task), OptimizerConfig("learned", 1.0), seed, steps, lopt=bounded(weights, ratio))
-    return {"task": task, "ratio": ratio, "seed": seed, "final": record["final_loss"]}
+        record = run_one(build_task(task), OptimizerConfig("learned", 1.0), seed, steps, lopt=bounded(weights, *setting))
+    return {"task": task, "setting": setting, "seed": seed, "final": record["final_loss"]}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -50,27 +60,32 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--tasks", default="all", help="comma-separated benchmark task keys (default: all)")
     parser.add_argument("--ratios", default="none,0.003,0.006,0.01,0.03,0.1", help="bounds to try; none: no bound")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per setting")
+    parser.add_argument("--lr-adaptations", default="weights",
+                        help="step gains to try: weights (their own), none, hypergradient[=BETA], learned")
     parser.add_argument("--weights", default="default", help="weights whose bound is replaced")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every task's steps")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel worker processes")
     args = parser.parse_args(argv)
     tasks = resolve_task_keys(args.tasks)
     ratios: list[Optional[float]] = [None if r.strip() == "none" else float(r) for r in args.ratios.split(",")]
-    plan = [(t, r, s) for t in tasks for r in [-1.0, *ratios] for s in range(args.seeds)]
+    gains = [g.strip() for g in args.lr_adaptations.split(",")]
+    settings: list[Optional[tuple[Optional[float], str]]] = [None] + [(r, g) for r in ratios for g in gains]
+    plan = [(t, x, s) for t in tasks for x in settings for s in range(args.seeds)]
     start = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=ctx) as pool:
         results = list(pool.map(_run, *zip(*[(t, r, s, args.weights, args.steps_scale) for t, r, s in plan])))
-    finals: dict[tuple[str, Optional[float]], list[float]] = {}
+    finals: dict[tuple[str, Any], list[float]] = {}
     for res in results:
-        finals.setdefault((res["task"], res["ratio"]), []).append(res["final"])
+        finals.setdefault((res["task"], res["setting"]), []).append(res["final"])
     print(f"weights {args.weights}; {args.seeds} seeds; steps x{args.steps_scale}; {machine_description()}; "
           f"{(time.perf_counter() - start) / 60:.1f} min")
-    names = ["none" if r is None else f"{r:g}" for r in ratios]
-    print("| task | Adam 1e-3 | " + " | ".join(f"bound {n}" for n in names) + " |")
-    print("|---|---:|" + "---:|" * len(ratios))
+    names = [f"bound {'none' if r is None else f'{r:g}'}" + ("" if g == "weights" else f", gain {g}")
+             for r, g in settings[1:]]  # type: ignore[misc]
+    print("| task | Adam 1e-3 | " + " | ".join(names) + " |")
+    print("|---|---:|" + "---:|" * len(names))
     for t in tasks:
-        cells = [f"{statistics.mean(finals[(t, r)]):.4g}" for r in [-1.0, *ratios]]
+        cells = [f"{statistics.mean(finals[(t, x)]):.4g}" for x in settings]
         print(f"| {t} {TASKS[t].name} | " + " | ".join(cells) + " |")
 
 

@@ -153,8 +153,8 @@ def run_inner(
         batches = [_to_device(b, device) for b in batches]
         at = point if (second_order and point.requires_grad) else point.detach().requires_grad_()
         with torch.enable_grad():
-            loss_at_point = torch.stack(_losses(slots, at, batches)).sum()
-            (grad,) = torch.autograd.grad(loss_at_point, at, create_graph=second_order)
+            losses_at_point = torch.stack(_losses(slots, at, batches))
+            (grad,) = torch.autograd.grad(losses_at_point.sum(), at, create_graph=second_order)
         if not torch.isfinite(grad).all():
             _mark_nonfinite(slots, grad)
             break
@@ -163,7 +163,8 @@ def run_inner(
         if lopt.progress_input:
             # Each task's fraction of its run done before this step: the horizon is known in meta-training.
             progress = torch.tensor([(s.steps_done + t) / s.length for s in slots], device=point.device)
-        out = lopt.step(state, point, grad, layout, diagnostics=(t == diagnostics_at), progress=progress)
+        out = lopt.step(state, point, grad, layout, diagnostics=(t == diagnostics_at), progress=progress,
+                        loss=losses_at_point.detach())
         theta = out.state.theta if lopt.attention else out.point
         losses = torch.stack(_losses(slots, theta, batches))
         if not torch.isfinite(losses).all() or not torch.isfinite(out.point).all():

@@ -187,9 +187,10 @@ class _StepCall(nn.Module):
         self.lopt = lopt
 
     def forward(
-        self, state: HRNNState, point: Tensor, grad: Tensor, layout: Layout, progress: Optional[Tensor] = None
+        self, state: HRNNState, point: Tensor, grad: Tensor, layout: Layout, progress: Optional[Tensor] = None,
+        loss: Optional[Tensor] = None,
     ) -> tuple[Tensor, HRNNState]:
-        out = self.lopt.step(state, point, grad, layout, backend="eager", progress=progress)
+        out = self.lopt.step(state, point, grad, layout, backend="eager", progress=progress, loss=loss)
         return out.point, out.state
 
 
@@ -209,8 +210,8 @@ def _start_particles(lopt: HierarchicalRNN, slot: ParticleSlot, params: dict[str
     st = slot.state
     slot.state = st._replace(
         h_param=params["lopt.h0_param"].unsqueeze(1).expand(p, st.h_param.shape[1], -1).to(st.h_param.dtype).clone(),
-        h_tensor=params["lopt.h0_tensor"].unsqueeze(1).expand(p, st.h_tensor.shape[1], -1).to(st.h_tensor.dtype).clone(),
-        h_global=params["lopt.h0_global"].unsqueeze(1).expand(p, st.h_global.shape[1], -1).to(st.h_global.dtype).clone(),
+        h_tensor=lopt.initial_tensor_state(params["lopt.h0_tensor"], st.h_tensor.shape[1]).to(st.h_tensor.dtype),
+        h_global=lopt.initial_global_state(params["lopt.h0_global"], st.h_global.shape[1]).to(st.h_global.dtype),
     )
 
 
@@ -313,8 +314,8 @@ def unroll_particles(
     losses_at = vmap(loss_of, in_dims=(0, None))
     caller = _StepCall(lopt)
     # The particles of a task are at the same inner step: their training progress is shared (unbatched).
-    step = vmap(lambda prm, st, pt, g, prog: functional_call(caller, prm, (st, pt, g, layout, prog)),
-                in_dims=(0, 0, 0, 0, None))
+    step = vmap(lambda prm, st, pt, g, prog, loss: functional_call(caller, prm, (st, pt, g, layout, prog, loss)),
+                in_dims=(0, 0, 0, 0, None, 0))
     steps = max(0, min(num_steps, slot.length - slot.steps_done))
     total = torch.zeros(perturbed.shape[0], dtype=torch.float32, device=slot.point.device)
     diag = None
@@ -324,7 +325,7 @@ def unroll_particles(
         with _region("es/task_gradients"):
             batch = slot.task.sample_batch(slot.generator)
             batch = _to_device(batch, point.device)
-            grads, _ = grads_and_losses(point, batch)
+            grads, point_losses = grads_and_losses(point, batch)
         with _region("es/gradient_transform"):
             grads = _transform_particle_grads(slot, grads)
         finite_grad = torch.isfinite(grads).all(1)
@@ -335,11 +336,11 @@ def unroll_particles(
             with torch.no_grad():
                 one = HRNNState(*(None if v is None else v[0] for v in state))
                 diag = lopt.step(one, point[0], grads[0], layout, diagnostics=True, backend="eager",
-                                 progress=progress).diagnostics
+                                 progress=progress, loss=point_losses[0]).diagnostics
         # The step runs with grad mode on so that it takes its one-chunk reference path (its
         # inputs do not require grad, so no graph is recorded).
         with torch.enable_grad(), _region("es/rule_step"):
-            point, state = step(params, state, point, grads, progress)
+            point, state = step(params, state, point, grads, progress, point_losses.detach())
         theta = state.theta if lopt.attention else point
         with torch.no_grad(), _region("es/task_losses"):
             losses = losses_at(theta, batch)
@@ -422,6 +423,7 @@ def _first_step_diagnostics(lopt: HierarchicalRNN, slot: ParticleSlot) -> StepDi
         x = slot.point[:1].detach().requires_grad_(True)
         loss = slot.task.loss([v.view(s) for v, s in zip(x[0].split(sizes), slot.shapes)], batch)
         (g,) = torch.autograd.grad(loss, x)
+        loss = loss.detach()
     grads = _transform_particle_grads(slot, g.expand(slot.point.shape[0], -1).contiguous())
     slot.generator.set_state(snapshot)
     g0 = torch.where(torch.isfinite(grads[0]), grads[0], torch.zeros_like(grads[0]))
@@ -429,7 +431,7 @@ def _first_step_diagnostics(lopt: HierarchicalRNN, slot: ParticleSlot) -> StepDi
         one = HRNNState(*(None if v is None else v[0] for v in slot.state))
         progress = _progress(lopt, slot.steps_done, slot.length, slot.point)
         return lopt.step(one, slot.point[0], g0, slot.layout(), diagnostics=True, backend="eager",
-                         progress=progress).diagnostics
+                         progress=progress, loss=loss).diagnostics
 
 
 def _run_lanes(
@@ -491,12 +493,14 @@ def _run_lanes(
     # Each particle runs its own meta-parameters, swapped in for the whole run.
     with _reparametrize_module(lopt, params):
         for t in range(steps):
-            batches, grads = [], []
+            batches, grads, point_losses = [], [], []
             for slot, x, fn in zip(slots, views(point), loss_fns):
                 with torch.enable_grad(), _region("es/task_gradients"):
                     batch = _to_device(slot.task.sample_batch(slot.generator), device)
                     xg = x.detach().requires_grad_(True)
-                    (g,) = torch.autograd.grad(fn(xg, batch).sum(), xg)
+                    at_point = fn(xg, batch)
+                    (g,) = torch.autograd.grad(at_point.sum(), xg)
+                    point_losses.append(at_point.detach())
                 with _region("es/gradient_transform"):
                     grads.append(_transform_particle_grads(slot, g).reshape(-1))
                 batches.append(batch)
@@ -511,7 +515,8 @@ def _run_lanes(
                 progress = torch.cat([torch.full((p,), (s.steps_done + t) / s.length, device=device)
                                       for s, p in zip(slots, pairs2)])
             with torch.no_grad(), _region("es/rule_step"):
-                out = lopt.step(state, point, grad, layout, progress=progress)
+                out = lopt.step(state, point, grad, layout, progress=progress,
+                                loss=torch.cat(point_losses) if lopt.lr_adaptation else None)
             point, state = out.point, out.state
             theta = state.theta if lopt.attention else point
             with torch.no_grad():
