@@ -19,10 +19,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_lopt import models
 from lightning_lopt.checkpoint_io import AtomicCheckpointIO
+from lightning_lopt.loggers import RecordLogVersion, ResumableCSVLogger
 from lightning_lopt.quiet import quiet_third_party
 
 __all__ = ["LightningLoptCLI", "build_cli", "main"]
@@ -78,14 +80,29 @@ class LightningLoptCLI(LightningCLI):
             count = sum(p.numel() for p in self.model.parameters())
             if count < SMALL_MODEL and self.trainer.strategy.root_device.type == "cpu":
                 torch.set_num_threads(1)
+        if any(isinstance(lg, ResumableCSVLogger) for lg in self.trainer.loggers) and \
+                not any(isinstance(cb, RecordLogVersion) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(RecordLogVersion())
         strategy = self.trainer.strategy
         # Lightning's plain default writes the same files non-atomically; any other checkpoint IO is kept.
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = AtomicCheckpointIO()
 
     def before_fit(self) -> None:
-        """Start the clock that the final line reports."""
+        """Start the clock that the final line reports; a resumed run's CSV logs continue its own folder."""
         self._fit_start = time.perf_counter()
+        ckpt_path = self.config.get(str(self.subcommand), self.config).get("ckpt_path")
+        loggers = [lg for lg in self.trainer.loggers if isinstance(lg, ResumableCSVLogger)]
+        if ckpt_path and loggers:
+            try:
+                # How Trainer.fit itself resolves "last" and the other keywords.
+                path = self.trainer._checkpoint_connector._select_ckpt_path(
+                    TrainerFn.FITTING, ckpt_path, model_provided=True, model_connected=False)
+            except Exception:  # noqa: BLE001 - without a resolvable path, fit reports the problem itself
+                path = None
+            if path and os.path.isfile(path):
+                for logger in loggers:
+                    logger.resume_from(path)
 
     def after_fit(self) -> None:
         """Validate the final model and print its validation accuracy (or other validation metrics) and the fit's time."""

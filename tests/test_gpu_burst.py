@@ -74,3 +74,31 @@ def test_meta_progress_bar_counts_resumed_meta_steps(tmp_path: Path, cli_argv: N
     bar = next(cb for cb in cli.trainer.callbacks if isinstance(cb, MetaTrainingProgressBar))
     assert cli.trainer.progress_bar_callback is bar
     assert (bar.train_progress_bar.total, bar.train_progress_bar.initial, bar.train_progress_bar.n) == (5, 3, 5)
+
+
+def test_resumed_meta_training_logs_on_in_its_version_folder(tmp_path: Path, cli_argv: None) -> None:
+    """--ckpt_path last continues the run's metrics.csv (Lightning's CSVLogger would open version_1)."""
+    import csv
+
+    campaign = _config(tmp_path, "meta_train_campaign.yaml")
+    args = ["-c", str(campaign), *TINY, "--trainer.devices=1", "--trainer.strategy=auto"]
+    build_cli(["fit", *args, "--trainer.max_steps=3"])
+    build_cli(["fit", *args, "--trainer.max_steps=5", "--ckpt_path", "last"])
+    logs = tmp_path / "run" / "logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["version_0"]
+    with open(logs / "version_0" / "metrics.csv", newline="") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("meta/loss")]
+    assert steps == [0, 1, 2, 3, 4]
+    # A fresh run (no checkpoint) takes a new folder, as the CSVLogger does.
+    build_cli(["fit", *args, "--trainer.max_steps=1"])
+    assert sorted(p.name for p in logs.iterdir()) == ["version_0", "version_1"]
+
+
+def test_resumed_writer_drops_the_rows_logged_after_the_checkpoint(tmp_path: Path) -> None:
+    from lightning_lopt.loggers import _ContinuingWriter
+
+    (tmp_path / "metrics.csv").write_text("a,step\n" + "".join(f"{i * 0.5},{i}\n" for i in range(6)))
+    writer = _ContinuingWriter(str(tmp_path), resume_step=3)
+    writer.log_metrics({"a": 9.0}, step=3)
+    writer.save()
+    assert (tmp_path / "metrics.csv").read_text().split() == ["a,step", "0.0,0", "0.5,1", "1.0,2", "9.0,3"]
