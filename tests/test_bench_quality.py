@@ -410,3 +410,35 @@ def test_a_progress_input_optimizer_is_told_the_run_length() -> None:
 
     assert r["final_loss"] == pytest.approx(replay(6), rel=1e-6)
     assert r["final_loss"] != pytest.approx(replay(None), rel=1e-6)
+
+
+def test_applied_step_size_is_the_rms_change_of_the_parameters() -> None:
+    """Adam's first step moves every parameter with a non-zero gradient by exactly its lr."""
+    task = q.build_task("f", **TINY["f"])
+    r = q.run_one(task, q.OptimizerConfig("adam", 0.01), seed=0, steps=1, eval_points=1)
+    assert r["update_rms"] == pytest.approx(0.01, rel=1e-4)
+
+
+def test_tuned_learned_rows_pick_the_best_multiplier_and_leave_the_bar_alone(tmp_path: Path) -> None:
+    kwargs: dict[str, Any] = dict(
+        task_keys=["d", "f"], out=tmp_path, seeds=1, steps_scale=0.02, show_progress=False,
+        task_overrides={"d": TINY["d"], "f": TINY["f"]}, sweeps={"adam": (1e-3,), "rmsprop": (1e-3,), "sgd": (1e-2,)},
+        eval_points=5,
+    )  # fmt: skip
+    results = q.run_benchmark(**kwargs, tune_learned=True)
+    assert results["meta"]["runs_executed"] == 2 * (len(q.LEARNED_SWEEP) + 3)
+    md = results["markdown"].split("## Step size", 1)[1].split("\n## ", 1)[0]
+    for key, t in results["tasks"].items():
+        s, a = t["summaries"], t["analysis"]
+        sweep = [v for v in s.values() if v["kind"] == "learned"]
+        assert sorted(v["lr"] for v in sweep) == sorted(q.LEARNED_SWEEP)
+        best = min(sweep, key=lambda v: v["final_loss"]["mean"])
+        assert a["learned_tuned"] == best["optimizer"] and a["learned_tuned_lr"] == best["lr"]
+        assert a["learned_update_rms"] == pytest.approx(s[a["learned"]]["update_rms"]) and a["learned_update_rms"] > 0
+        assert a["tuned_adam_lr"] == 1e-3
+        row = next(line for line in md.splitlines() if line.startswith(f"| {key} {t['name']} |"))
+        assert f"@ {best['lr']:g}" in row
+    assert "learned, lr multiplier tuned: lower final loss than Adam 1e-3 on" in md
+    plain = q.run_benchmark(**kwargs)
+    assert plain["meta"]["runs_executed"] == 0 and plain["bar"] == results["bar"]
+    assert "learned tuned" not in plain["markdown"]

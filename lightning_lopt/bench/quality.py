@@ -112,6 +112,10 @@ STATE_DTYPE_VARIANTS: dict[str, torch.dtype] = {BF16_STATE: torch.bfloat16}
 # Variant with the weights under test whose lr multiplier follows torch's CosineAnnealingLR from
 # ``lr`` to 0 over the run (``--cosine``): what an external schedule adds to the learned step.
 COSINE = "cosine"
+# The weights under test at other lr multipliers (``--tune-learned``): with lr=1 (the untuned run)
+# they are the learned optimizer's sweep, of as many points as Adam's.
+LR_SWEEP = "lr_sweep"
+LEARNED_SWEEP: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 # ============================================================================ tasks
@@ -311,11 +315,20 @@ def run_one(
     block_sum, block_n = 0.0, 0
     nonfinite = False
     train_seconds = 0.0
+    # The applied step size: the RMS change of the true parameters per element over one step, at
+    # about curve_points steps of the run (out of the timed loop).
+    update_rms: list[float] = []
+
+    def true_flat() -> Tensor:
+        return at_true_params(lambda: torch.cat([p.detach().reshape(-1) for p in params]).clone())
+
     done = reported = 0
     with warnings.catch_warnings():
         # A diverging baseline makes the learned optimizer's skip warning irrelevant noise here.
         warnings.simplefilter("ignore", RuntimeWarning)
         for t in range(steps):
+            measure = t % block == 0
+            before = true_flat() if measure else None
             t0 = time.perf_counter()
             batch = task.sample_batch(batch_gen)
             loss = task.loss(params, batch)
@@ -329,6 +342,10 @@ def run_one(
                 scheduler.step()
             value = float(loss.detach())
             train_seconds += time.perf_counter() - t0
+            if before is not None:
+                change = float((true_flat() - before).square().mean().sqrt())
+                if math.isfinite(change):
+                    update_rms.append(change)
             done = t + 1
             block_sum += value
             block_n += 1
@@ -376,6 +393,7 @@ def run_one(
         "seconds": seconds,
         "train_seconds": train_seconds,
         "seconds_per_step": train_seconds / max(done, 1),
+        "update_rms": float(np.mean(update_rms)) if update_rms else None,
         "num_params": sum(p.numel() for p in params),
         "curve_steps": curve_steps,
         "curve": curve,
@@ -589,6 +607,8 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "seconds": float(np.mean([r["seconds"] for r in runs])),
         "train_seconds": float(np.mean([r["train_seconds"] for r in runs])),
         "seconds_per_step": float(np.mean([r["seconds_per_step"] for r in runs])),
+        # Runs cached before the field existed have none.
+        "update_rms": float(np.mean(rms)) if (rms := [r["update_rms"] for r in runs if r.get("update_rms")]) else None,
         "eval_steps": eval_steps,
         "eval_mean": eval_mean,
         "curve_steps": curve_steps,
@@ -787,6 +807,21 @@ def analyse_task(summaries: dict[str, dict[str, Any]], sweeps: dict[str, Sequenc
         result["cosine_beats_adam_default"] = bool(adam and cm < adam["final_loss"]["mean"])
         result["cosine_beats_best_tuned"] = bool(best and cm < best["final_loss"]["mean"])
         result["cosine_diverged_seeds"] = cosine["diverged_seeds"]
+    sweep = [s for s in summaries.values() if s["kind"] == "learned" and s.get("variant") == LR_SWEEP]
+    if sweep and learned:
+        tuned_learned = min([learned, *sweep], key=lambda s: s["final_loss"]["mean"])
+        tm = tuned_learned["final_loss"]["mean"]
+        result["learned_tuned"] = tuned_learned["optimizer"]
+        result["learned_tuned_lr"] = tuned_learned["lr"]
+        result["learned_tuned_at_sweep_edge"] = at_sweep_edge(tuned_learned["lr"], LEARNED_SWEEP)
+        result["ratio_learned_tuned_to_best_tuned"] = _ratio(tm, best["final_loss"]["mean"] if best else None)
+        result["learned_tuned_beats_adam_default"] = bool(adam and tm < adam["final_loss"]["mean"])
+        result["learned_tuned_beats_best_tuned"] = bool(best and tm < best["final_loss"]["mean"])
+    if learned:
+        result["learned_update_rms"] = learned.get("update_rms")
+        tuned_adam = tuned.get("adam")
+        result["tuned_adam_lr"] = tuned_adam["lr"] if tuned_adam else None
+        result["tuned_adam_update_rms"] = tuned_adam.get("update_rms") if tuned_adam else None
     diverged = {k: s["diverged_seeds"] for k, s in summaries.items() if s["diverged_seeds"]}
     result["diverged"] = diverged
     return result
@@ -868,6 +903,7 @@ def plan_jobs(
     ablation_plan: Optional[dict[str, dict[str, Any]]] = None,
     bf16_state: bool = False,
     cosine: bool = False,
+    tune_learned: bool = False,
     min_steps: int = 1,
     eval_points: int = 50,
     task_overrides: Optional[dict[str, dict[str, Any]]] = None,
@@ -885,6 +921,8 @@ def plan_jobs(
             configs.append((OptimizerConfig("learned", 1.0, BF16_STATE), weights))
         if cosine:  # the weights under test, only the lr multiplier's schedule differs
             configs.append((OptimizerConfig("learned", 1.0, COSINE), weights))
+        if tune_learned:  # lr=1 is the untuned run itself
+            configs += [(OptimizerConfig("learned", lr, LR_SWEEP), weights) for lr in LEARNED_SWEEP if lr != 1.0]
         keys = set()
         for kind in BASELINE_KINDS:
             for lr in sweeps[kind]:
@@ -909,6 +947,7 @@ def run_benchmark(
     ablation_weights: Optional[dict[str, str]] = None,
     bf16_state: bool = False,
     cosine: bool = False,
+    tune_learned: bool = False,
     threads: int = 1,
     workers: int = 1,
     use_cache: bool = True,
@@ -932,6 +971,8 @@ def run_benchmark(
         bf16_state: Also run the learned optimizer with its state in bfloat16 (variant ``bf16_state``).
         cosine: Also run the learned optimizer with a cosine schedule on its lr multiplier, 1 to 0
             over the run (variant ``cosine``).
+        tune_learned: Also run the learned optimizer at the lr multipliers of :data:`LEARNED_SWEEP`
+            (variant ``lr_sweep``) and report the best beside the untuned run.
         threads: torch threads per run.
         workers: Runs in parallel processes.
         use_cache: Reuse finished runs from ``out/runs``.
@@ -954,7 +995,7 @@ def run_benchmark(
     plan = plan_ablations(ablation_weights or {}, w.config) if ablation else None
     jobs = plan_jobs(
         task_keys, seeds, scale, sweeps, weights, plan, bf16_state=bf16_state, cosine=cosine,
-        min_steps=QUICK_MIN_STEPS if quick else 1, eval_points=eval_points, task_overrides=task_overrides,
+        tune_learned=tune_learned, min_steps=QUICK_MIN_STEPS if quick else 1, eval_points=eval_points, task_overrides=task_overrides,
     )  # fmt: skip
     t_runs = time.perf_counter()
     records, executed = run_jobs(
@@ -1015,6 +1056,8 @@ def run_benchmark(
         }
     if cosine:
         results["cosine"] = {"variant": COSINE, "optimizer": OptimizerConfig("learned", 1.0, COSINE).key}
+    if tune_learned:
+        results["tune_learned"] = {"variant": LR_SWEEP, "sweep": list(LEARNED_SWEEP)}
     results["meta"]["wall_seconds"] = time.perf_counter() - t0
     md = render_markdown(results)
     (out / "results.md").write_text(md)
@@ -1059,6 +1102,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run the learned optimizer with a cosine schedule on its lr multiplier (1 -> 0 over the run), "
         "same weights and seeds",
     )
+    p.add_argument(
+        "--tune-learned",
+        action="store_true",
+        help=f"also run the learned optimizer at lr multipliers {', '.join(f'{v:g}' for v in LEARNED_SWEEP)} "
+        "(as many as Adam's sweep) and report the best beside the untuned run",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1: the models are small)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel worker processes (default 1)")
     p.add_argument("--no-cache", action="store_true", help="rerun every run instead of reusing OUT/runs")
@@ -1085,7 +1134,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results = run_benchmark(
             keys, Path(args.out), seeds=seeds, steps_scale=args.steps_scale, quick=args.quick, weights=args.weights,
             ablation=args.ablation, ablation_weights=ablation_weights, bf16_state=args.bf16_state,
-            cosine=args.cosine, threads=args.threads, workers=args.jobs,
+            cosine=args.cosine, tune_learned=args.tune_learned, threads=args.threads, workers=args.jobs,
             use_cache=not args.no_cache, show_progress=not args.no_progress, command=command,
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as err:
