@@ -44,8 +44,11 @@ def _lane_state(lopt: HierarchicalRNN, sizes: list[int], lanes: int, gen: torch.
             mean_square=0.1 * torch.rand(n, lopt.num_timescales, generator=gen),
             beta_in=0.9 * torch.rand(n, generator=gen),
             beta_sc=0.9 * torch.rand(n, generator=gen),
-            h_tensor=torch.randn(len(sizes), lopt.tensor_units, generator=gen).tanh(),
-            h_global=torch.randn(1, lopt.global_units, generator=gen).tanh(),
+            # The RNNs' columns mid-run; a step gain's columns (if any) as they start.
+            h_tensor=torch.cat([torch.randn(len(sizes), lopt.tensor_units, generator=gen).tanh(),
+                                st.h_tensor[:, lopt.tensor_units:]], 1),
+            h_global=torch.cat([torch.randn(1, lopt.global_units, generator=gen).tanh(),
+                                st.h_global[:, lopt.global_units:]], 1),
         )
         states.append(st)
         points.append(point)

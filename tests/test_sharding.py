@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_lopt import HierarchicalRNNOptimizer
+from lightning_lopt import HierarchicalRNN, HierarchicalRNNOptimizer
 from lightning_lopt.hrnn import Layout
 
 WORKER = Path(__file__).with_name("sharding_worker.py")
@@ -53,12 +53,16 @@ def test_fsdp_equals_unsharded(fsdp: dict[str, Any], case: str) -> None:
     assert fsdp[f"{case}_rel"] <= REL
 
 
+_DEFAULT = HierarchicalRNN.from_pretrained("default")
+
+
 def test_fsdp_state_is_per_shard(fsdp: dict[str, Any]) -> None:
     whole = fsdp["fp32_state_numel_unsharded"]
     ranks = [fsdp["fp32_state_numel_rank0"], fsdp["fp32_state_numel_rank1"]]
     tensors = 8
-    # Per-element state splits between the ranks; only the per-tensor and per-problem parts repeat.
-    per_tensor = tensors * 30 + 20
+    # Per-element state splits between the ranks; only the per-tensor and per-problem parts repeat
+    # (their widths: the RNNs' units, and the step gain's columns with the default weights).
+    per_tensor = tensors * _DEFAULT.tensor_state_width + _DEFAULT.global_state_width
     assert sum(ranks) - per_tensor == whole
     assert max(ranks) < whole
 
@@ -68,7 +72,8 @@ def test_fsdp_frozen_layer_holds_no_state(fsdp: dict[str, Any]) -> None:
     assert fsdp["frozen_held_rank0"] == fsdp["frozen_held_rank1"] == [0, 1, 4, 5, 6, 7]
     assert fsdp["frozen_frozen_unchanged"]
     ranks = [fsdp["frozen_state_numel_rank0"], fsdp["frozen_state_numel_rank1"]]
-    assert sum(ranks) - (6 * 30 + 20) == fsdp["frozen_state_numel_unsharded"] < fsdp["fp32_state_numel_unsharded"]
+    repeated = 6 * _DEFAULT.tensor_state_width + _DEFAULT.global_state_width
+    assert sum(ranks) - repeated == fsdp["frozen_state_numel_unsharded"] < fsdp["fp32_state_numel_unsharded"]
 
 
 def test_fsdp_checkpoint_resumes_on_two_ranks(fsdp: dict[str, Any]) -> None:

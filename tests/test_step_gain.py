@@ -13,10 +13,11 @@ from lightning_lopt import HierarchicalRNN, HierarchicalRNNOptimizer
 from lightning_lopt.hrnn import LOSS_DECAY, HRNNState, Layout, _read_weights
 
 SIZES = [40, 12]
+PLAIN = "es_step350_bounded"  # shipped weights meta-trained without a gain
 
 
 def _rule(mode, w_gain=None, **kwargs) -> HierarchicalRNN:
-    config, tensors, source = _read_weights("default")
+    config, tensors, source = _read_weights(PLAIN)
     lopt = HierarchicalRNN(**{**config, "max_update_ratio": None, "lr_adaptation": mode, **kwargs})
     lopt.load_weights(tensors, source=source)
     if w_gain is not None:
@@ -43,8 +44,8 @@ def _alignment(grad: Tensor, state: HRNNState, sl: slice, s: int) -> float:
 
 @pytest.mark.parametrize("backend", ["eager", "cpp"])
 def test_zero_gain_weights_leave_the_rule_unchanged(backend):
-    """Default weights loaded into a rule with a learned gain (w_gain starts at zero) step exactly
-    as the rule without one, with or without a loss."""
+    """Weights without a gain loaded into a rule with a learned one (w_gain starts at zero) step
+    exactly as the rule without one, with or without a loss."""
     gen = torch.Generator().manual_seed(0)
     layout = Layout.build(SIZES)
     plain, gained = _rule(None), _rule("learned")
@@ -172,7 +173,7 @@ def test_optimizer_state_saves_and_checks_the_gain():
     again.load_state_dict(saved)
     torch.testing.assert_close(again.hrnn_state["h_tensor"], opt.hrnn_state["h_tensor"])
     with pytest.raises(ValueError, match="lr_adaptation"):
-        HierarchicalRNNOptimizer(model.parameters()).load_state_dict(saved)
+        HierarchicalRNNOptimizer(model.parameters(), lr_adaptation="none").load_state_dict(saved)
 
 
 def test_bad_settings_are_refused():
@@ -180,7 +181,7 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="lr_adaptation"):
         HierarchicalRNNOptimizer(params, lr_adaptation="adam")
     with pytest.raises(ValueError, match="w_gain"):
-        HierarchicalRNNOptimizer(params, lr_adaptation="learned")  # the default weights have no learned gain
+        HierarchicalRNNOptimizer(params, weights=PLAIN, lr_adaptation="learned")  # no learned gain in them
     with pytest.raises(ValueError, match="hypergradient_lr"):
         HierarchicalRNNOptimizer(params, lr_adaptation="hypergradient", hypergradient_lr=0.0)
     with pytest.raises(ValueError, match="lr_adaptation"):
@@ -195,3 +196,10 @@ def test_learned_gain_weights_save_and_load(tmp_path):
     torch.testing.assert_close(back.w_gain, lopt.w_gain)
     opt = HierarchicalRNNOptimizer([torch.nn.Parameter(torch.ones(3))], weights=path)
     assert opt.lopt.lr_adaptation == "learned"
+
+
+def test_default_weights_carry_a_learned_gain_that_a_user_can_swap():
+    params = [torch.nn.Parameter(torch.ones(3))]
+    assert HierarchicalRNNOptimizer(params).lopt.lr_adaptation == "learned"
+    assert HierarchicalRNNOptimizer(params, lr_adaptation="hypergradient").lopt.lr_adaptation == "hypergradient"
+    assert HierarchicalRNNOptimizer(params, lr_adaptation="none").lopt.lr_adaptation is None

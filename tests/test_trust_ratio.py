@@ -11,7 +11,7 @@ from lightning_lopt.hrnn import Layout, _read_weights
 
 
 def _rule(ratio):
-    config, tensors, source = _read_weights("default")
+    config, tensors, source = _read_weights("es_step350_bounded")  # the bound, on weights without a gain
     lopt = HierarchicalRNN(**{**config, "max_update_ratio": ratio})
     lopt.load_weights(tensors, source=source)
     return lopt
