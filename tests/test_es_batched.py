@@ -180,6 +180,25 @@ def test_batched_unroll_gives_the_per_task_estimate_with_a_learned_step_gain():
     torch.testing.assert_close(flat_meta_parameters(fast), flat_meta_parameters(ref), rtol=1e-5, atol=1e-6)
 
 
+def test_batched_unroll_gives_the_per_task_estimate_on_conv_and_attention_tasks():
+    """Tasks without a particle loss (their loss vmapped over the particles) in both paths."""
+    tasks = TaskDistribution(family_weights={"conv": 1.0, "attention": 1.0}, gradient_noise_prob=0.0)
+    modules = {}
+    for mode in ("per_task", "batched"):
+        torch.manual_seed(0)
+        modules[mode] = MetaTrainingModule(
+            tasks=tasks, init_weights="default", tasks_per_step=2, gradient_estimator="es_single", pes_pairs=2,
+            truncation_length=6, task_lengths=(8, 20), meta_lr=1e-3, es_unroll=mode)
+        detach_from_trainer(modules[mode], torch.optim.SGD(modules[mode].lopt.parameters(), lr=1e-3))
+    for k in range(2):
+        seeds = torch.arange(300 + 2 * k, 302 + 2 * k)
+        for m in modules.values():
+            m.training_step({"index": torch.tensor(k), "seeds": seeds}, k)
+    assert {s.task.family for s in modules["batched"].slots} <= {"conv", "attention"}
+    torch.testing.assert_close(flat_meta_parameters(modules["batched"].lopt),
+                               flat_meta_parameters(modules["per_task"].lopt), rtol=1e-5, atol=1e-6)
+
+
 def test_batched_unroll_with_progress_input_and_diagnostics():
     """Per-particle training progress and the first step's diagnostics match the reference."""
     lopt = HierarchicalRNN(progress_input=True, log_lr_bounds=(-14.0, 0.0))

@@ -347,3 +347,60 @@ def test_deep_relu_mlp_is_a_relu_network_and_opt_in():
     assert TaskDistribution().family_weights["mlp_deep_relu"] == 0.0
     assert all(TaskDistribution().sample(s).family != "mlp_deep_relu" for s in range(200))
     assert TaskDistribution(family_weights={"mlp_deep_relu": 1.0}).sample(3).family == "mlp_deep_relu"
+
+
+def test_conv_and_attention_families_compute_their_networks_and_are_opt_in():
+    """The conv net equals torch.nn's layers with its weights; the attention task equals
+    nn.MultiheadAttention's one-head arithmetic done by hand; labels use every class; both opt-in."""
+    from lightning_lopt.tasks import AttentionTask, ConvNetTask
+
+    conv = ConvNetTask(size=6, channels=(3, 5), num_classes=4, num_samples=64, batch_size=8, seed=1)
+    w1, b1, w2, b2, w3, b3 = conv.init_params(torch.Generator().manual_seed(0))
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(3, 5, 3, stride=2, padding=1), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(5, 4))
+    with torch.no_grad():
+        for (w, b), layer in zip([(w1, b1), (w2, b2), (w3, b3)], [net[0], net[2], net[6]]):
+            layer.weight.copy_(w)
+            layer.bias.copy_(b)
+        expected = torch.nn.functional.cross_entropy(net(conv.x), conv.y)
+    torch.testing.assert_close(conv.loss([w1, b1, w2, b2, w3, b3], None), expected)
+
+    att = AttentionTask(length=5, dim=4, num_classes=3, num_samples=64, batch_size=8, seed=2)
+    wq, wk, wv, wo, bo = att.init_params(torch.Generator().manual_seed(0))
+    logits = []
+    for seq in att.x:  # one sequence at a time, by hand
+        scores = (seq @ wq.T) @ (seq @ wk.T).T / 2.0  # sqrt(dim) = 2
+        logits.append(wo @ (torch.softmax(scores, -1) @ (seq @ wv.T)).mean(0) + bo)
+    expected = torch.nn.functional.cross_entropy(torch.stack(logits), att.y)
+    torch.testing.assert_close(att.loss([wq, wk, wv, wo, bo], None), expected)
+
+    for task in (ConvNetTask(seed=3), AttentionTask(seed=3)):
+        assert torch.bincount(task.y, minlength=task.num_classes).min() > 0.1 * task.num_samples / task.num_classes
+    for family in ("conv", "attention"):
+        assert TaskDistribution().family_weights[family] == 0.0
+        assert TaskDistribution(family_weights={family: 1.0}).sample(3).family == family
+
+
+def test_corpus_campaign_validates_on_a_deep_relu_net_a_conv_net_and_a_long_task():
+    """configs/meta_train_corpus.yaml's validation set holds what selection must see."""
+    from pathlib import Path
+
+    import yaml
+
+    from lightning_lopt.meta.data import TaskDataModule
+
+    config = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "meta_train_corpus.yaml").read_text())
+    model = config["model"]["init_args"]
+    tasks = TaskDistribution(**model["tasks"]["init_args"])
+    data = TaskDataModule(**config["data"]["init_args"])
+    lengths = model["validation_lengths"]
+
+    def leaf(task):
+        while hasattr(task, "task"):
+            task = task.task
+        return task.family
+
+    found = [(leaf(tasks.sample(s)), lengths[i % len(lengths)]) for i, s in enumerate(data.validation_seeds())]
+    assert ("mlp_deep_relu", 3000) in found
+    assert any(f == "conv" for f, _ in found) and any(f == "attention" for f, _ in found)

@@ -5,7 +5,9 @@ from lightning_lopt.tasks.distribution import DEFAULT_FAMILY_WEIGHTS, DEFAULT_GR
 from lightning_lopt.tasks.functions import FUNCTIONS_2D, Function2DTask
 from lightning_lopt.tasks.heldout import HELDOUT_TASKS, DigitsConvNetTask, HeldOutClassificationTask, MNIST1DMLPTask
 from lightning_lopt.tasks.synthetic import (
+    AttentionTask,
     BowlTask,
+    ConvNetTask,
     DeepReLUMLPTask,
     LargeQuadraticTask,
     LogisticRegressionTask,
@@ -38,6 +40,8 @@ __all__ = [
     "DeepReLUMLPTask",
     "MLPTask",
     "MatMulAlgorithmTask",
+    "ConvNetTask",
+    "AttentionTask",
     "Function2DTask",
     "FUNCTIONS_2D",
     "TaskWrapper",

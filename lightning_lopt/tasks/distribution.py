@@ -9,7 +9,9 @@ from typing import Any, Callable, Optional
 from lightning_lopt.tasks.base import Task
 from lightning_lopt.tasks.functions import FUNCTIONS_2D, Function2DTask
 from lightning_lopt.tasks.synthetic import (
+    AttentionTask,
     BowlTask,
+    ConvNetTask,
     DeepReLUMLPTask,
     LargeQuadraticTask,
     LogisticRegressionTask,
@@ -31,6 +33,8 @@ DEFAULT_FAMILY_WEIGHTS: dict[str, float] = {
     "logistic_regression": 1.0,
     "mlp": 1.0,
     "mlp_deep_relu": 0.0,  # opt-in: keeps the default task stream of earlier releases
+    "conv": 0.0,  # opt-in, as mlp_deep_relu
+    "attention": 0.0,  # opt-in, as mlp_deep_relu
     "norm": 1.0,
     "matmul": 0.5,
     "sum": 1.0,
@@ -46,6 +50,8 @@ DEFAULT_GRADIENT_NOISE: dict[str, float] = {
     "logistic_regression": 0.1,
     "mlp": 0.05,
     "mlp_deep_relu": 0.05,
+    "conv": 0.05,
+    "attention": 0.05,
     "norm": 1.0,
     "matmul": 0.5,
     "sum": 0.5,
@@ -236,6 +242,22 @@ class TaskDistribution:
                 num_classes=r.randint(2, 10),
                 num_samples=r.choice((512, 1024)),
                 batch_size=r.choice((32, 64, 128)),
+                seed=self._seed(r),
+            ),
+            "conv": lambda r: ConvNetTask(
+                size=r.choice((6, 8, 10)),
+                channels=(r.randint(2, 8), r.randint(4, 12)),
+                num_classes=r.randint(2, 6),
+                num_samples=r.choice((256, 512)),
+                batch_size=r.choice((16, 32, 64)),
+                seed=self._seed(r),
+            ),
+            "attention": lambda r: AttentionTask(
+                length=r.randint(4, 12),
+                dim=r.choice((4, 8, 12)),
+                num_classes=r.randint(2, 6),
+                num_samples=r.choice((256, 512)),
+                batch_size=r.choice((16, 32, 64)),
                 seed=self._seed(r),
             ),
             "norm": lambda r: NormTask(dim=r.randint(*self.norm_dims), p=float(r.choice((1, 2, 3))), seed=self._seed(r)),

@@ -25,6 +25,8 @@ __all__ = [
     "MLPTask",
     "DeepReLUMLPTask",
     "MatMulAlgorithmTask",
+    "ConvNetTask",
+    "AttentionTask",
 ]
 
 
@@ -369,3 +371,138 @@ class MatMulAlgorithmTask(Task):
         m = (a.flatten(1) @ u.T) * (b.flatten(1) @ v.T)
         err = m @ w.T - (a @ b).flatten(1)
         return (err * err).sum(dim=1).mean()
+
+
+class ConvNetTask(_DataTask):
+    """Small ReLU conv net classifying Gaussian ``size x size`` images labelled by a random teacher.
+
+    Two 3x3 convolutions (the second with stride 2), global average pooling and a linear read-out;
+    the teacher has the student's architecture with larger weights, so the labels are a learnable,
+    translation-aware function of the images. Convolution weights have four dimensions, whose
+    gradient statistics an MLP never shows the update rule.
+
+    Args:
+        size: Image height and width.
+        channels: Output channels of the two convolutions.
+        num_classes: Number of classes.
+        num_samples: Size of the fixed training set.
+        batch_size: Minibatch size of :meth:`sample_batch`.
+        seed: Seed of the teacher and the data.
+    """
+
+    family = "conv"
+
+    def __init__(
+        self,
+        size: int = 8,
+        channels: Sequence[int] = (4, 8),
+        num_classes: int = 3,
+        num_samples: int = 512,
+        batch_size: int = 32,
+        seed: int = 0,
+    ) -> None:
+        if size < 3 or num_classes < 2 or len(channels) != 2 or min(channels) < 1:
+            raise ValueError("need size >= 3, num_classes >= 2 and two positive channel counts.")
+        self.size = int(size)
+        self.channels = (int(channels[0]), int(channels[1]))
+        self.num_classes = int(num_classes)
+        self.num_samples = int(num_samples)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        g = make_generator(seed)
+        self.x = randn((num_samples, 1, size, size), g)
+        teacher = self._random_params(g, gain=3.0, bias_std=0.5)
+        with torch.no_grad():
+            # Pooled ReLU features share a sign, so one class would win everywhere: each class's
+            # logit is centred over the data set, which spreads the labels over the classes.
+            logits = self._forward(teacher, self.x)
+            self.y = (logits - logits.mean(0)).argmax(dim=1)
+
+    def _random_params(self, generator: torch.Generator, gain: float, bias_std: float) -> list[Tensor]:
+        c1, c2 = self.channels
+        shapes = [((c1, 1, 3, 3), 9), ((c2, c1, 3, 3), 9 * c1), ((self.num_classes, c2), c2)]
+        params = []
+        for shape, fan_in in shapes:
+            params.append(randn(shape, generator, std=gain / math.sqrt(fan_in)))
+            params.append(randn((shape[0],), generator, std=bias_std))
+        return params
+
+    @staticmethod
+    def _forward(params: Sequence[Tensor], x: Tensor) -> Tensor:
+        w1, b1, w2, b2, w3, b3 = params
+        h = torch.relu(F.conv2d(x, w1, b1, padding=1))
+        h = torch.relu(F.conv2d(h, w2, b2, stride=2, padding=1))
+        return F.linear(h.mean((-2, -1)), w3, b3)
+
+    def init_params(self, generator: torch.Generator) -> list[Tensor]:
+        """He-scaled weights ``N(0, 2/fan_in)`` and zero biases, per layer."""
+        params = self._random_params(generator, gain=math.sqrt(2.0), bias_std=0.0)
+        return [p.to(self.x.device) for p in params]
+
+    def loss(self, params: Sequence[Tensor], batch: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+        """Mean cross-entropy of the logits."""
+        x, y = self._data(batch)
+        return -F.log_softmax(self._forward(params, x), dim=-1).gather(-1, y.unsqueeze(-1)).mean()
+
+
+class AttentionTask(_DataTask):
+    """One-head self-attention classifying Gaussian token sequences labelled by a random teacher.
+
+    ``softmax(Q K^T / sqrt(d)) V`` over the sequence, then mean pooling and a linear read-out; the
+    teacher has the student's architecture with larger weights. Query and key weights meet in a
+    product, which gives the loss a curvature no MLP layer has.
+
+    Args:
+        length: Tokens per sequence.
+        dim: Token and head dimension.
+        num_classes: Number of classes.
+        num_samples: Size of the fixed training set.
+        batch_size: Minibatch size of :meth:`sample_batch`.
+        seed: Seed of the teacher and the data.
+    """
+
+    family = "attention"
+
+    def __init__(
+        self,
+        length: int = 8,
+        dim: int = 8,
+        num_classes: int = 3,
+        num_samples: int = 512,
+        batch_size: int = 32,
+        seed: int = 0,
+    ) -> None:
+        if length < 1 or dim < 1 or num_classes < 2:
+            raise ValueError("need length >= 1, dim >= 1 and num_classes >= 2.")
+        self.length = int(length)
+        self.dim = int(dim)
+        self.num_classes = int(num_classes)
+        self.num_samples = int(num_samples)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        g = make_generator(seed)
+        self.x = randn((num_samples, length, dim), g)
+        teacher = self._random_params(g, gain=3.0)
+        with torch.no_grad():
+            logits = self._forward(teacher, self.x)
+            self.y = (logits - logits.mean(0)).argmax(dim=1)  # centred, as ConvNetTask's
+
+    def _random_params(self, generator: torch.Generator, gain: float) -> list[Tensor]:
+        d, std = self.dim, gain / math.sqrt(self.dim)
+        return [randn((d, d), generator, std=std) for _ in range(3)] + [
+            randn((self.num_classes, d), generator, std=std), torch.zeros(self.num_classes)]
+
+    def _forward(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
+        wq, wk, wv, wo, bo = params
+        q, k, v = x @ wq.T, x @ wk.T, x @ wv.T
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.dim), dim=-1)
+        return F.linear((att @ v).mean(-2), wo, bo)
+
+    def init_params(self, generator: torch.Generator) -> list[Tensor]:
+        """Projections ``N(0, 1/dim)``, read-out ``N(0, 1/dim)`` and a zero bias."""
+        return [p.to(self.x.device) for p in self._random_params(generator, gain=1.0)]
+
+    def loss(self, params: Sequence[Tensor], batch: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+        """Mean cross-entropy of the logits."""
+        x, y = self._data(batch)
+        return -F.log_softmax(self._forward(params, x), dim=-1).gather(-1, y.unsqueeze(-1)).mean()
