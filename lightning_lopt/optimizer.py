@@ -319,6 +319,12 @@ class HierarchicalRNNOptimizer(Optimizer):
         return self.state.get(STATE_KEY)
 
     @property
+    def state_bytes(self) -> int:
+        """Bytes of the state tensors this process holds (a sharded parameter's local shard only)."""
+        st = self.hrnn_state or {}
+        return sum(t.numel() * t.element_size() for t in st.values() if isinstance(t, Tensor))
+
+    @property
     def held_params(self) -> list[Tensor]:
         """The parameters that hold state, in the flat order of the state (empty before the first step)."""
         st = self.hrnn_state

@@ -17,7 +17,7 @@ unsharded optimizer would.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -25,10 +25,8 @@ from torch import Tensor
 
 from lightning_lopt.hrnn import Layout, StepReducer
 
-if TYPE_CHECKING:
-    from lightning_lopt.optimizer import HierarchicalRNNOptimizer
 
-__all__ = ["ShardReducer", "Sharding", "local_tensor", "optimizer_state_bytes"]
+__all__ = ["ShardReducer", "Sharding", "local_tensor"]
 
 _PER_ELEMENT = ("beta_in", "beta_sc", "log_lr", "theta")
 _PER_ELEMENT_MATRIX = ("h_param", "momentum", "mean_square")
@@ -297,9 +295,3 @@ def _stream_ranges(lopt: Any, seed: int, total: int, ranges: Sequence[tuple[int,
             if lo < hi:
                 dst[lo - a : hi - a] = chunk[lo - c0 : hi - c0]
     return out
-
-
-def optimizer_state_bytes(optimizer: "HierarchicalRNNOptimizer") -> int:
-    """Bytes of the optimizer's state tensors held on this rank (local shards only)."""
-    st = optimizer.hrnn_state or {}
-    return sum(t.numel() * t.element_size() for t in st.values() if isinstance(t, Tensor))

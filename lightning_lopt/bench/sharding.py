@@ -17,7 +17,6 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from lightning_lopt import HierarchicalRNNOptimizer
-from lightning_lopt.sharding import optimizer_state_bytes
 
 
 def model(width: int, seed: int = 0) -> nn.Module:
@@ -50,12 +49,12 @@ def _measure(rank: int, world: int, port: int, width: int, queue: Any) -> None:
         fully_shard(net)
         opt = HierarchicalRNNOptimizer(net.parameters(), state_dtype=state_dtype)
         _step(net, opt, width)
-        rows[("fsdp", name)] = optimizer_state_bytes(opt)
+        rows[("fsdp", name)] = opt.state_bytes
         net = model(width)
         zero = ZeroRedundancyOptimizer(net.parameters(), optimizer_class=HierarchicalRNNOptimizer,
                                        problem_group=dist.group.WORLD, state_dtype=state_dtype)
         _step(DDP(net), zero, width)
-        rows[("zero", name)] = optimizer_state_bytes(zero.optim)
+        rows[("zero", name)] = zero.optim.state_bytes
     gathered: list[Optional[dict]] = [None] * world
     dist.all_gather_object(gathered, rows)
     if rank == 0:
@@ -82,7 +81,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         net = model(width)
         opt = HierarchicalRNNOptimizer(net.parameters(), state_dtype=state_dtype)
         _step(net, opt, width)
-        single[name] = optimizer_state_bytes(opt)
+        single[name] = opt.state_bytes
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     mp.spawn(_measure, args=(world, _free_port(), width, queue), nprocs=world, join=True)
