@@ -12,7 +12,7 @@ import argparse
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import WandbLogger
+from lightning_lopt.loggers import WandbLogger  # Lightning's, without two spurious W&B warnings
 
 from lightning_lopt import HierarchicalRNNOptimizer
 from lightning_lopt.callbacks import EvalWithTrueParameters, LearnedOptimizerMonitor

@@ -1,17 +1,20 @@
-"""A CSV logger whose run continues in its own folder when training resumes from a checkpoint."""
+"""Lightning's loggers with what a lightning-lopt run needs: a CSV logger whose run continues in its
+own folder when training resumes from a checkpoint, and a W&B logger without W&B's spurious warnings."""
 
 from __future__ import annotations
 
 import csv
+import os
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-__all__ = ["ResumableCSVLogger", "RecordLogVersion", "LOG_VERSION_KEY"]
+__all__ = ["ResumableCSVLogger", "RecordLogVersion", "WandbLogger", "LOG_VERSION_KEY"]
 
 LOG_VERSION_KEY = "csv_log_version"
 """Checkpoint entry that holds the version folder of the run's :class:`ResumableCSVLogger`."""
@@ -105,3 +108,18 @@ class RecordLogVersion(Callback):
             if isinstance(logger, ResumableCSVLogger):
                 checkpoint[LOG_VERSION_KEY] = logger.version
                 return
+
+
+class WandbLogger(_LightningWandbLogger):
+    """Lightning's :class:`~lightning.pytorch.loggers.WandbLogger`, without two warnings W&B prints on
+    every run: "The anonymous setting has no effect" (Lightning passes ``anonymous=None``, which W&B
+    0.31 treats as set) and "git root ... does not exist" (W&B looks for a git repository in
+    ``save_dir`` before it creates that folder). Every argument is Lightning's.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
+        if self._save_dir:
+            os.makedirs(self._save_dir, exist_ok=True)
