@@ -189,6 +189,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except (wandb.errors.UsageError, wandb.errors.AuthenticationError) as err:
         # The usual first contact: no W&B account configured. One line, not a traceback.
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "no api key" not in first.lower():
+            # A key is configured, but W&B could not be asked to verify it (no network, say).
+            parser.exit(1, f"{parser.prog}: could not reach W&B to verify the API key ({first}). Check the "
+                           "network, or use --dry-run to print the workspace without saving it.\n")
         parser.exit(1, f"{parser.prog}: not logged in to W&B ({first}). Run `wandb login` first, "
                        "or use --dry-run to print the workspace without saving it.\n")
     except wandb.errors.CommError as err:

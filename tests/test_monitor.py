@@ -463,3 +463,21 @@ def test_dashboard_without_login_says_what_to_do(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "wandb login" in lines[0] and "--dry-run" in lines[0]
+
+
+def test_dashboard_with_a_key_but_no_network_says_so(tmp_path: Path) -> None:
+    """An API key that W&B cannot be reached to verify is not reported as "not logged in"."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"), NETRC=str(tmp_path / "netrc"),
+               WANDB_API_KEY="0" * 40, WANDB_BASE_URL="http://127.0.0.1:9")  # nothing listens on port 9
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_lopt.dashboard", "--entity", "e", "--project", "p"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "could not reach W&B" in lines[0] and "not logged in" not in lines[0]
