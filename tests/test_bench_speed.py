@@ -62,3 +62,24 @@ def test_main_prints_the_tables(capsys):
     out = capsys.readouterr().out
     assert "| 2e+03 | single | 1 | HRNN |" in out
     assert "matmul GFLOP/s during the rounds" in out
+
+
+def test_busy_processes_spin_and_are_reaped(monkeypatch):
+    started = []
+    real = speed.subprocess.Popen
+
+    def record(*args, **kwargs):
+        started.append(real(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(speed.subprocess, "Popen", record)
+    with speed.busy_processes(2):
+        assert len(started) == 2 and all(p.poll() is None for p in started)  # still spinning
+    assert all(p.poll() is not None for p in started)  # killed and reaped
+
+
+def test_threads_table_has_idle_and_busy_rows_per_thread_count(monkeypatch):
+    monkeypatch.setattr(speed, "mnist1d_training_step", lambda rounds, threads: {"Adam ms": 1.0, "HRNN ms": 2.0 * threads})
+    rows = speed.mnist1d_threads_table(busy=1, rounds=2)
+    assert [(label.split()[0], others) for label, others, _ in rows] == [
+        ("1", 0), ("1", 1), (str(torch.get_num_threads()), 0), (str(torch.get_num_threads()), 1)]

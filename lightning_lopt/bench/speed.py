@@ -21,6 +21,7 @@ Timings on a shared machine are noisy; every figure is a median over interleaved
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import inspect
@@ -34,7 +35,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -340,6 +341,32 @@ def mnist1d_training_step(rounds: int = 300, threads: int = 1, seed: int = 0) ->
     return result
 
 
+@contextlib.contextmanager
+def busy_processes(count: int) -> Iterator[None]:
+    """``count`` other processes spinning on the CPU for the duration (what data-loader workers or
+    a second job beside a run do to its threads)."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        time.sleep(0.5)  # let them reach the scheduler
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def mnist1d_threads_table(busy: int, rounds: int = 200) -> list[tuple[str, int, dict[str, float]]]:
+    """The MNIST-1D training step with one thread (what ``lightning-lopt fit`` picks for a small
+    model) and with torch's default, each idle and with ``busy`` spinning processes beside it."""
+    default = torch.get_num_threads()
+    rows = []
+    for label, threads in (("1 (the CLI's auto)", 1), (f"{default} (torch's default)", default)):
+        for others in (0, busy):
+            with busy_processes(others):
+                rows.append((label, others, mnist1d_training_step(rounds=rounds, threads=threads)))
+    return rows
+
+
 def meta_training_throughput(
     lopt: HierarchicalRNN,
     num_problems: int = 8,
@@ -472,6 +499,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "--kernel-times", action="store_true", help="measure the C++ kernel's cold build and warm load in fresh processes"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--busy", type=int, default=0,
+                        help="also time the MNIST-1D step with 1 thread and torch's default, idle and with this many "
+                             "spinning processes beside it")
     args = parser.parse_args(argv)
 
     warnings.filterwarnings("ignore", message=".*untrained initialisation.*")
@@ -538,6 +568,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"| Adam (torch defaults, as configs/mnist1d_adam.yaml) | {e2e['Adam ms']:.3f} |")
         print(f"| HierarchicalRNNOptimizer (shipped weights) | {e2e['HRNN ms']:.3f} |")
         print(f"| ratio (median over alternating steps) | {e2e['ratio']:.2f}x |")
+        if args.busy:
+            print()
+            print("| MNIST-1D training step: threads | busy processes beside it | Adam ms | HierarchicalRNNOptimizer ms |")
+            print("| --- | ---: | ---: | ---: |")
+            for label, others, res in mnist1d_threads_table(args.busy):
+                print(f"| {label} | {others} | {res['Adam ms']:.3f} | {res['HRNN ms']:.3f} |")
 
     if not args.no_meta:
         print()
