@@ -529,7 +529,7 @@ def test_step_paths_without_autograd_equal_reference(attention, mode):
 def test_compiled_kernel_path_equals_reference(monkeypatch, attention):
     """The element-level kernel that backend="compiled" hands to torch.compile (run here eagerly, torch.compile
     replaced by a pass-through so the test stays fast) computes the same step as the reference."""
-    import lightning_lopt.hrnn as hrnn_module
+    from lightning_lopt.kernels import dispatch
 
     calls = []
 
@@ -541,7 +541,7 @@ def test_compiled_kernel_path_equals_reference(monkeypatch, attention):
         return run
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    monkeypatch.setattr(hrnn_module, "_KERNELS", {}, raising=False)
+    monkeypatch.setattr(dispatch, "_KERNELS", {})
     lopt = make_lopt(attention=attention)
     sizes, problems = [3, 1, 6, 2, 5], [0, 1, 0, 2, 1]
     layout, state = make_state(lopt, sizes, problems, seed=13)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from lightning_lopt.loggers import WandbLogger
 
 
@@ -17,13 +15,20 @@ def test_wandb_logger_passes_no_anonymous_setting_and_makes_its_folder(tmp_path:
     assert WandbLogger(project="p", save_dir=str(save_dir), offline=True, anonymous=True)._wandb_init["anonymous"] == "allow"
 
 
-def test_offline_run_prints_neither_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    logger = WandbLogger(project="p", save_dir="runs/wb", offline=True)
-    logger.log_metrics({"x": 1.0}, step=0)
-    logger.experiment.finish()
-    out = capsys.readouterr()
-    text = out.out + out.err
+def test_offline_run_prints_neither_warning(tmp_path: Path) -> None:
+    """In a fresh process: W&B prints each of these warnings once per process."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("from lightning_lopt.loggers import WandbLogger\n"
+              "logger = WandbLogger(project='p', save_dir='runs/wb', offline=True)\n"
+              "logger.log_metrics({'x': 1.0}, step=0)\n"
+              "logger.experiment.finish()\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text
     assert "offline" in text  # W&B did print its start-up lines
     assert "anonymous setting" not in text and "git root" not in text

@@ -12,6 +12,7 @@ import torch
 
 from lightning_lopt import HierarchicalRNN, HierarchicalRNNOptimizer, HRNNState, Layout
 from lightning_lopt import hrnn as hrnn_module
+from lightning_lopt.kernels import dispatch
 
 SIZES = [7, 130, 1, 45, 300, 12, 64]
 PROBLEMS = [0, 0, 1, 1, 1, 2, 2]
@@ -126,7 +127,7 @@ def test_compiled_equals_eager(attention: bool) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a silent fallback to eager would not test compile
         compiled = _run(lopt, 3, in_place=True, chunk_size=64, backend="compiled")
-    assert not hrnn_module._CompiledKernel.failed
+    assert not dispatch._CompiledKernel.failed
     _assert_same(reference, compiled, rtol=1e-4, atol=1e-5)
 
 
@@ -138,8 +139,8 @@ def test_compile_failure_falls_back_with_one_warning(monkeypatch: pytest.MonkeyP
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    monkeypatch.setattr(hrnn_module, "_KERNELS", {})
-    monkeypatch.setattr(hrnn_module._CompiledKernel, "failed", False)
+    monkeypatch.setattr(dispatch, "_KERNELS", {})
+    monkeypatch.setattr(dispatch._CompiledKernel, "failed", False)
     lopt = HierarchicalRNN()
     reference = _run(lopt, 2, chunk_size=0)
     with pytest.warns(RuntimeWarning, match="falling back") as record:

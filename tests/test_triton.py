@@ -19,7 +19,7 @@ pytest.importorskip("triton", reason="Triton is not installed (pip install 'ligh
 
 from lightning_lopt import HierarchicalRNN, HierarchicalRNNOptimizer, HRNNState, Layout  # noqa: E402
 from lightning_lopt import hrnn  # noqa: E402
-from lightning_lopt.kernels import triton_step  # noqa: E402
+from lightning_lopt.kernels import dispatch, triton_step  # noqa: E402
 
 DEVICE = torch.device("cpu" if triton_step.INTERPRETED else "cuda")
 if DEVICE.type == "cuda" and not torch.cuda.is_available():
@@ -183,18 +183,18 @@ def test_auto_picks_triton_only_on_a_gpu() -> None:
 def test_triton_unavailable_falls_back_with_one_warning(monkeypatch) -> None:
     """Where Triton cannot be imported, "auto" on a GPU and "triton" anywhere run eagerly and warn once."""
     monkeypatch.setattr(triton_step, "AVAILABLE", False)
-    monkeypatch.setattr(hrnn, "_TRITON_WARNED", set())
+    monkeypatch.setattr(dispatch, "_TRITON_WARNED", set())
 
     class OnGpu:  # only the device is read before the fallback
         device = torch.device("cuda")
 
     state: Any = None
     with pytest.warns(RuntimeWarning, match="Triton is not installed"):
-        assert hrnn._triton_kernels("auto", state, OnGpu(), OnGpu(), None, torch.float32) is None
+        assert dispatch._triton_kernels("auto", state, OnGpu(), OnGpu(), None, torch.float32) is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert hrnn._triton_kernels("triton", state, OnGpu(), OnGpu(), None, torch.float32) is None
-        assert hrnn._triton_kernels("eager", state, OnGpu(), OnGpu(), None, torch.float32) is None
+        assert dispatch._triton_kernels("triton", state, OnGpu(), OnGpu(), None, torch.float32) is None
+        assert dispatch._triton_kernels("eager", state, OnGpu(), OnGpu(), None, torch.float32) is None
     lopt = HierarchicalRNN()
     layout = Layout.build([4])
     point = torch.randn(4)
@@ -207,7 +207,7 @@ def test_triton_unavailable_falls_back_with_one_warning(monkeypatch) -> None:
 def test_triton_backend_is_listed() -> None:
     from lightning_lopt.optimizer import BACKENDS
 
-    assert "triton" in BACKENDS and "triton" in hrnn._BACKENDS
+    assert "triton" in BACKENDS and "triton" in dispatch._BACKENDS
     assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 
 
