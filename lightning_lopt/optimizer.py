@@ -655,7 +655,11 @@ class HierarchicalRNNOptimizer(Optimizer):
 
         Args:
             closure: Re-evaluates the model and returns the loss (Lightning's automatic
-                optimization passes one); gradients are read after it runs.
+                optimization passes one); gradients are read after it runs. The step gain reads
+                the loss; under torch.distributed its mean over the processes (``problem_group``,
+                else the world), so that DDP replicas take one step: every process then steps,
+                as every process runs DDP's backward. A process stepping alone in a process
+                group passes no closure.
 
         Returns:
             The closure's loss, or None.
@@ -818,18 +822,20 @@ class HierarchicalRNNOptimizer(Optimizer):
         return loss
 
     def _shared_loss(self, loss: Any, device: torch.device) -> Optional[Tensor]:
-        """The closure's loss as one value that every process agrees on (their mean), so that
-        replicas under DDP or a shard group take the same step; None where there is no loss."""
+        """The closure's loss as one value that every process agrees on (their mean over
+        ``problem_group`` where one is set, else over the world), so that replicas under DDP or a
+        shard group take the same step; None where there is no loss."""
         if isinstance(loss, (int, float)):
             loss = torch.tensor(float(loss))
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             return None
         value = loss.detach().reshape(()).to(device, torch.float32)
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            value = value.clone()
-            torch.distributed.all_reduce(value)
-            value /= torch.distributed.get_world_size()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            size = torch.distributed.get_world_size(self.problem_group)
+            if size > 1:
+                value = value.clone()
+                torch.distributed.all_reduce(value, group=self.problem_group)
+                value /= size
         return value
 
     def __repr__(self) -> str:

@@ -39,13 +39,16 @@ def batches(steps: int, rows: int = 16) -> list[tuple[torch.Tensor, torch.Tensor
     return [(torch.randn(rows, 6, generator=gen), torch.randn(rows, 1, generator=gen)) for _ in range(steps)]
 
 
-def train(model: nn.Module, opt: Any, data: list, rank: int = 0, world: int = 1) -> None:
+def train(model: nn.Module, opt: Any, data: list, rank: int = 0, world: int = 1, closure: bool = True) -> None:
     for x, y in data:
         rows = x.shape[0] // world
         xs, ys = x[rank * rows : (rank + 1) * rows], y[rank * rows : (rank + 1) * rows]
         opt.zero_grad()
-        nn.functional.mse_loss(model(xs), ys).backward()
-        opt.step()
+        loss = nn.functional.mse_loss(model(xs), ys)
+        loss.backward()
+        # The step gain reads the closure's loss: averaged over the ranks, it is the whole batch's.
+        # A process stepping alone in a process group passes none (the mean is a collective).
+        opt.step(lambda: loss) if closure else opt.step()
 
 
 def full(model: nn.Module) -> list[torch.Tensor]:
@@ -97,14 +100,15 @@ def fsdp(rank: int, out: dict[str, Any]) -> None:
         out[f"{name}_held_rank{rank}"] = list(opt.hrnn_state["held"])
         out[f"{name}_frozen_unchanged"] = all(torch.equal(a, b) for a, b in zip(got[2:4], full(mlp())[2:4]))
 
-    # Checkpoints: save after 6 steps on 2 ranks; resume on 2 ranks and on 1.
+    # Checkpoints: save after 6 steps on 2 ranks; resume on 2 ranks and on 1 (there alone: no closure,
+    # whose loss the ranks would average, so none anywhere).
     first, second = data[:6], data[6:]
     model = sharded_mlp()
     opt = HierarchicalRNNOptimizer(model.parameters())
-    train(model, opt, first, rank, WORLD)
+    train(model, opt, first, rank, WORLD, closure=False)
     root = out["ckpt_dir"]
     dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=root)
-    train(model, opt, second, rank, WORLD)
+    train(model, opt, second, rank, WORLD, closure=False)
     expected = full(model)
 
     model2 = sharded_mlp()
@@ -116,7 +120,7 @@ def fsdp(rank: int, out: dict[str, Any]) -> None:
     dcp.load(sd, checkpoint_id=root)
     model2.load_state_dict(sd["model"])
     set_optimizer_state_dict(model2, opt2, sd["optim"])
-    train(model2, opt2, second, rank, WORLD)
+    train(model2, opt2, second, rank, WORLD, closure=False)
     out["resume2_equal"] = all(torch.equal(a, b) for a, b in zip(full(model2), expected))
     out["resume2_rel"] = max_rel(full(model2), expected)
 
@@ -128,7 +132,7 @@ def fsdp(rank: int, out: dict[str, Any]) -> None:
         dcp.load(sd, checkpoint_id=root, no_dist=True)
         model1.load_state_dict(sd["model"])
         set_optimizer_state_dict(model1, opt1, sd["optim"])
-        train(model1, opt1, second)
+        train(model1, opt1, second, closure=False)
         out["resume1_rel"] = max_rel(full(model1), expected)
     dist.barrier()
 
@@ -165,8 +169,9 @@ def ddp(rank: int, out: dict[str, Any]) -> None:
     for _ in range(100):
         opt.zero_grad()
         x = torch.randn(8, 32, generator=gen)
-        nn.functional.cross_entropy(ddp_model(x), (x[:, 0] > 0).long()).backward()
-        opt.step()
+        loss = nn.functional.cross_entropy(ddp_model(x), (x[:, 0] > 0).long())
+        loss.backward()
+        opt.step(lambda: loss)  # each rank's own loss: the optimizer agrees on their mean
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     gathered = [torch.empty_like(flat) for _ in range(WORLD)]
     dist.all_gather(gathered, flat)

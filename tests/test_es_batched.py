@@ -317,3 +317,46 @@ def test_batched_unroll_scores_diverging_particles_as_the_reference_does():
     (fast,), _, _ = unroll_particle_slots(lopt, [fast_slot], [antithetic(theta, eps)], 40, 1.0)
     assert ref_slot.dead.tolist() == fast_slot.dead.tolist() == [True, False]
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["mlp_sigmoid", "mlp_deep_relu", "logistic", "rescaled", "reparam", "log",
+                                  "noisy", "overridden_loss"])
+def test_hand_written_gradients_equal_autograd(case):
+    """particle_loss_and_grad (the batched unroll's gradients without autograd) gives the loss and the
+    gradient that autograd takes of each particle's loss; a task whose loss a subclass or wrapper
+    changes returns None, so that the unroll falls back to autograd."""
+    from lightning_lopt.tasks import GradientNoise, LogisticRegressionTask, LogObjective, MLPTask, ReparamWeights, Rescaled
+    from lightning_lopt.tasks.synthetic import DeepReLUMLPTask
+
+    class SquaredLoss(MLPTask):
+        def loss(self, params, batch=None):
+            return super().loss(params, batch) ** 2
+
+    mlp = MLPTask(hidden_sizes=(6, 5), seed=2)
+    task = {
+        "mlp_sigmoid": lambda: mlp,
+        "mlp_deep_relu": lambda: DeepReLUMLPTask(hidden_sizes=(7, 7, 7), seed=1),
+        "logistic": lambda: LogisticRegressionTask(features=9, seed=3),
+        "rescaled": lambda: Rescaled(mlp, scale=7.0),
+        "reparam": lambda: ReparamWeights(LogisticRegressionTask(features=5, seed=1), seed=3),
+        "log": lambda: LogObjective(mlp),
+        "noisy": lambda: GradientNoise(mlp, noise=0.3),  # noise is a transform: the gradient itself is exact
+        "overridden_loss": lambda: SquaredLoss(seed=0),
+    }[case]()
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.stack(ps) for ps in zip(*[task.init_params(gen) for _ in range(4)])]
+    params = [p + 0.3 * torch.randn(p.shape, generator=gen) for p in params]  # away from the zero biases
+    batch = task.sample_batch(torch.Generator().manual_seed(1))
+    by_hand = task.particle_loss_and_grad(params, batch)
+    if case == "overridden_loss":
+        assert by_hand is None
+        return
+    leaves = [p.clone().requires_grad_(True) for p in params]
+    losses = task.particle_loss(leaves, batch)
+    grads = torch.autograd.grad(losses.sum(), leaves)
+    torch.testing.assert_close(by_hand[0], losses.detach(), rtol=1e-6, atol=1e-7)
+    assert len(by_hand[1]) == len(grads)
+    for mine, ref in zip(by_hand[1], grads):
+        assert mine.shape == ref.shape
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-7)
+    assert all(bool(g.abs().sum() > 0) for g in grads)

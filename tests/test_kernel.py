@@ -95,6 +95,31 @@ def test_segment_sums_equal_a_scatter() -> None:
 
 
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("feature_major", [False, True])
+def test_alignment_sums_equal_a_double_precision_reference(state_dtype: torch.dtype, feature_major: bool) -> None:
+    """The step gain's per-tensor sums: sum g x_s, sum x_s^2 and sum g^2 with x_s = m_s / sqrt(v_s + eps),
+    for every timescale, in either layout of the state and with empty tensors."""
+    gen = torch.Generator().manual_seed(0)
+    sizes, k, eps = [5, 0, 33, 1, 70], 4, 1e-16
+    n = sum(sizes)
+    g = torch.randn(n, generator=gen)
+    m = (0.1 * torch.randn(n, k, generator=gen)).to(state_dtype)
+    v = (0.01 + torch.rand(n, k, generator=gen)).to(state_dtype)
+    if feature_major:
+        m, v = m.t().contiguous().t(), v.t().contiguous().t()
+    starts = torch.tensor([0] + sizes).cumsum(0)
+    x = m.double() / torch.sqrt(v.double() + eps)
+    ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    gd = g.double()
+    expected = torch.zeros(len(sizes), 2 * k + 1, dtype=torch.float64).index_add(
+        0, ids, torch.cat([gd.unsqueeze(1) * x, x.square(), gd.square().unsqueeze(1)], 1))
+    got = _KERNEL.alignment_sums(g, m, v, starts, eps)
+    assert got.shape == (len(sizes), 2 * k + 1) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)  # float32 products
+    assert torch.equal(got[1], torch.zeros(2 * k + 1))
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("problem", ["tiles", "one", "mixed"])
 def test_kernel_feature_major_state(problem: str, in_place: bool, state_dtype: torch.dtype) -> None:

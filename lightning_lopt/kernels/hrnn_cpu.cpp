@@ -672,10 +672,82 @@ torch::Tensor segment_sums(std::vector<torch::Tensor> xs, torch::Tensor starts, 
   return result;
 }
 
+namespace {
+
+// Per tensor: sum_e g_e x_es, sum_e x_es^2 (s < K) and sum_e g_e^2, with x_s = m_s / sqrt(v_s + eps).
+// Tiles of 16 elements as in the step (padding lanes read 0 and add 0); each tile's products are
+// added in double, so a long tensor loses no more than the eager float sums do.
+template <typename S>
+void alignment_rows(const float* g, Mat<const S> m, Mat<const S> v, const int64_t* st, int64_t T, int K,
+                    float eps, float* out) {
+  const int W = 2 * K + 1;
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    alignas(64) float mt[16][BL], vt[16][BL], gt[BL];
+    alignas(64) float wide[BL * 16];
+    alignas(64) double acc[33][BL];
+    for (int64_t t = begin; t < end; ++t) {
+      for (int c = 0; c < W; ++c)
+        for (int b = 0; b < BL; ++b) acc[c][b] = 0.0;
+      for (int64_t e0 = st[t]; e0 < st[t + 1]; e0 += BL) {
+        const int nb = static_cast<int>(std::min<int64_t>(BL, st[t + 1] - e0));
+        load_tile(m, e0, K, nb, mt, wide);
+        load_tile(v, e0, K, nb, vt, wide);
+#pragma omp simd
+        for (int b = 0; b < BL; ++b) gt[b] = b < nb ? g[e0 + b] : 0.0f;
+        for (int s = 0; s < K; ++s) {
+#pragma omp simd
+          for (int b = 0; b < BL; ++b) {
+            const float x = mt[s][b] * (1.0f / std::sqrt(vt[s][b] + eps));
+            acc[s][b] += static_cast<double>(gt[b] * x);
+            acc[K + s][b] += static_cast<double>(x * x);
+          }
+        }
+#pragma omp simd
+        for (int b = 0; b < BL; ++b) acc[2 * K][b] += static_cast<double>(gt[b] * gt[b]);
+      }
+      for (int c = 0; c < W; ++c) {
+        double total = 0.0;
+        for (int b = 0; b < BL; ++b) total += acc[c][b];
+        out[t * W + c] = static_cast<float>(total);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// The step gain's per-tensor sums in one pass, without the (N, K) temporaries of the eager path:
+// (T, 2K+1) float32 of [sum g x_s for s < K, sum x_s^2 for s < K, sum g^2], x_s = m_s / sqrt(v_s + eps).
+torch::Tensor alignment_sums(torch::Tensor grad, torch::Tensor momentum, torch::Tensor mean_square,
+                             torch::Tensor starts, double eps) {
+  const int64_t n = grad.size(0), K = momentum.size(1), T = starts.size(0) - 1;
+  TORCH_CHECK(K <= 16, "alignment_sums supports num_timescales <= 16");
+  check(grad, "grad", at::kFloat, n, -1);
+  const auto sd = momentum.scalar_type();
+  TORCH_CHECK(sd == at::kFloat || sd == at::kBFloat16, "momentum must be float32 or bfloat16");
+  check(momentum, "momentum", sd, n, K, true);
+  check(mean_square, "mean_square", sd, n, K, true);
+  check(starts, "starts", at::kLong, T + 1, -1);
+  const int64_t* st = starts.data_ptr<int64_t>();
+  TORCH_CHECK(T >= 0 && st[0] >= 0 && st[T] <= n, "alignment_sums: starts out of range");
+  auto result = torch::empty({T, 2 * K + 1}, grad.options());
+  if (sd == at::kFloat) {
+    alignment_rows<float>(grad.data_ptr<float>(), mat<const float>(momentum), mat<const float>(mean_square), st, T,
+                          static_cast<int>(K), static_cast<float>(eps), result.data_ptr<float>());
+  } else {
+    alignment_rows<c10::BFloat16>(grad.data_ptr<float>(), mat<const c10::BFloat16>(momentum),
+                                  mat<const c10::BFloat16>(mean_square), st, T, static_cast<int>(K),
+                                  static_cast<float>(eps),
+                                  result.data_ptr<float>());
+  }
+  return result;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("element_update", &element_update, "Fused element-level part of the hierarchical RNN step (CPU)");
   m.def("element_update_lanes", &element_update_lanes,
         "Fused element-level part for lanes of elements with their own weights (CPU)");
   m.def("apply_update", &apply_update, "Parameter update with per-tensor normalisers (CPU)");
   m.def("segment_sums", &segment_sums, "Segment sums of flat vectors or of their squares (CPU)");
+  m.def("alignment_sums", &alignment_sums, "Per-tensor sums of the step gain's alignment features (CPU)");
 }

@@ -452,7 +452,8 @@ def _run_lanes(
     lane_sizes = [n for sz, p in zip(sizes, pairs2) for _ in range(p) for n in sz]
     lane_ids = [lane for lane, n in enumerate(len(sz) for sz, p in zip(sizes, pairs2) for _ in range(p)) for _ in range(n)]
     layout = Layout.build(lane_sizes, problems=lane_ids, device=device)
-    params = {k[len("lopt."):]: v for k, v in _stacked_parameters(lopt, torch.cat(perturbed)).items()}
+    # Contiguous once here: column slices of the particles' flat vectors would be copied at every step.
+    params = {k[len("lopt."):]: v.contiguous() for k, v in _stacked_parameters(lopt, torch.cat(perturbed)).items()}
 
     def cat(field: str) -> Optional[Tensor]:
         parts = [getattr(s.state, field) for s in slots]
@@ -470,6 +471,7 @@ def _run_lanes(
         return [flat[a:b].view(p, n) for a, b, p, n in zip(offsets, offsets[1:], pairs2, numels)]
 
     loss_fns = [_loss_fn(slot, sz) for slot, sz in zip(slots, sizes)]
+    grad_fns = [_loss_and_grad_fn(slot, sz, fn) for slot, sz, fn in zip(slots, sizes, loss_fns)]
     negative = torch.zeros((), dtype=torch.bool, device=device)
     last = [None] * len(slots)
     # The bookkeeping of all particles at once: which lane each element is in, and per lane the
@@ -494,13 +496,11 @@ def _run_lanes(
     with _reparametrize_module(lopt, params):
         for t in range(steps):
             batches, grads, point_losses = [], [], []
-            for slot, x, fn in zip(slots, views(point), loss_fns):
-                with torch.enable_grad(), _region("es/task_gradients"):
+            for slot, x, grad_fn in zip(slots, views(point), grad_fns):
+                with _region("es/task_gradients"):
                     batch = _to_device(slot.task.sample_batch(slot.generator), device)
-                    xg = x.detach().requires_grad_(True)
-                    at_point = fn(xg, batch)
-                    (g,) = torch.autograd.grad(at_point.sum(), xg)
-                    point_losses.append(at_point.detach())
+                    at_point, g = grad_fn(x, batch)
+                    point_losses.append(at_point)
                 with _region("es/gradient_transform"):
                     grads.append(_transform_particle_grads(slot, g).reshape(-1))
                 batches.append(batch)
@@ -584,6 +584,25 @@ def _loss_fn(slot: ParticleSlot, sizes: list[int]) -> Any:
         return vmapped(flat, batch) if direct is None else direct
 
     return losses
+
+
+def _loss_and_grad_fn(slot: ParticleSlot, sizes: list[int], losses: Any) -> Any:
+    """Each particle's loss and the gradient of it, ``(particles, n) -> ((particles,), (particles, n))``:
+    the task's :meth:`~lightning_lopt.tasks.Task.particle_loss_and_grad` where it writes one out,
+    else autograd through ``losses`` (:func:`_loss_fn`)."""
+
+    def loss_and_grad(flat: Tensor, batch: Any) -> tuple[Tensor, Tensor]:
+        parts = [v.reshape(flat.shape[0], *s) for v, s in zip(flat.split(sizes, dim=1), slot.shapes)]
+        by_hand = slot.task.particle_loss_and_grad(parts, batch)
+        if by_hand is not None:
+            return by_hand[0].detach(), torch.cat([g.reshape(flat.shape[0], -1) for g in by_hand[1]], 1)
+        with torch.enable_grad():
+            x = flat.detach().requires_grad_(True)
+            value = losses(x, batch)
+            (g,) = torch.autograd.grad(value.sum(), x)
+        return value.detach(), g
+
+    return loss_and_grad
 
 
 def _progress(lopt: HierarchicalRNN, steps_done: int, length: int, like: Tensor) -> Optional[Tensor]:

@@ -50,6 +50,13 @@ class Task:
         when a task does not provide it: the caller then vmaps :meth:`loss`."""
         return None
 
+    def particle_loss_and_grad(self, params: Sequence[Tensor], batch: Any) -> Optional[tuple[Tensor, list[Tensor]]]:
+        """:meth:`particle_loss` and each particle's gradient of its own loss, ``((P,), [like
+        params])``, computed by hand where a task writes it out: autograd's per-operation cost is
+        most of a small task's gradient. None (the default): the caller differentiates
+        :meth:`particle_loss`."""
+        return None
+
     def checked_loss(self, params: Sequence[Tensor], batch: Any) -> Tensor:
         """:meth:`loss`, raising :class:`NegativeLossError` when it is below zero."""
         value = self.loss(params, batch)

@@ -210,6 +210,18 @@ class LogisticRegressionTask(_DataTask):
         logits = params[0] @ x.T + params[1].reshape(params[1].shape[0], -1)  # bias (P, 1)
         return F.binary_cross_entropy_with_logits(logits, y.expand_as(logits), reduction="none").mean(-1)
 
+    def particle_loss_and_grad(
+        self, params: Sequence[Tensor], batch: Optional[tuple[Tensor, tuple[Tensor, Tensor]]] = None
+    ) -> Optional[tuple[Tensor, list[Tensor]]]:
+        """:meth:`particle_loss` and its gradient: ``(sigmoid(logits) - y) / B`` times the inputs."""
+        if type(self).loss is not LogisticRegressionTask.loss:
+            return None
+        x, y = self._data(batch)
+        logits = params[0] @ x.T + params[1].reshape(params[1].shape[0], -1)
+        losses = F.binary_cross_entropy_with_logits(logits, y.expand_as(logits), reduction="none").mean(-1)
+        dlogits = (torch.sigmoid(logits) - y) / x.shape[0]
+        return losses, [dlogits @ x, dlogits.sum(-1).reshape(params[1].shape)]
+
 
 class MLPTask(_DataTask):
     """Small sigmoid MLP classifying Gaussian inputs labelled by a random teacher network.
@@ -298,6 +310,39 @@ class MLPTask(_DataTask):
                 h = self._activation(h)
         picked = F.log_softmax(h, dim=-1).gather(-1, y.view(1, -1, 1).expand(h.shape[0], -1, 1))
         return -picked.mean((-2, -1))
+
+    def particle_loss_and_grad(
+        self, params: Sequence[Tensor], batch: Optional[tuple[Tensor, Tensor]] = None
+    ) -> Optional[tuple[Tensor, list[Tensor]]]:
+        """:meth:`particle_loss` and its gradient by backpropagation written out (sigmoid or ReLU)."""
+        if type(self).loss is not MLPTask.loss or type(self)._forward is not MLPTask._forward:
+            return None
+        derivative = {torch.sigmoid: lambda a: a * (1.0 - a), torch.relu: lambda a: (a > 0).to(a.dtype)}.get(
+            type(self)._activation)
+        if derivative is None:
+            return None
+        x, y = self._data(batch)
+        n_layers, particles = len(params) // 2, params[0].shape[0]
+        inputs, h = [], x
+        for i in range(n_layers):
+            inputs.append(h)
+            h = torch.matmul(h, params[2 * i].transpose(-1, -2)) + params[2 * i + 1].unsqueeze(-2)
+            if i < n_layers - 1:
+                h = self._activation(h)
+        index = y.view(1, -1, 1).expand(particles, -1, 1)
+        log_probs = F.log_softmax(h, dim=-1)
+        losses = -log_probs.gather(-1, index).mean((-2, -1))
+        # d(mean cross-entropy)/d logits = (softmax - one_hot) / batch
+        delta = log_probs.exp().scatter_add_(-1, index, torch.full(index.shape, -1.0, dtype=h.dtype, device=h.device))
+        delta = delta / x.shape[0]
+        grads: list[Tensor] = [torch.empty(0)] * len(params)
+        for i in reversed(range(n_layers)):
+            a = inputs[i]
+            grads[2 * i] = delta.transpose(-1, -2) @ a
+            grads[2 * i + 1] = delta.sum(-2)
+            if i > 0:
+                delta = (delta @ params[2 * i]) * derivative(a)
+        return losses, grads
 
 
 class DeepReLUMLPTask(MLPTask):

@@ -46,6 +46,12 @@ class TaskWrapper(Task):
             return None
         return self.task.particle_loss(params, batch)
 
+    def particle_loss_and_grad(self, params: Sequence[Tensor], batch: Any = None) -> Optional[tuple[Tensor, list[Tensor]]]:
+        """The wrapped task's, where this wrapper leaves the loss as it is (else None)."""
+        if type(self).loss is not TaskWrapper.loss:
+            return None
+        return self.task.particle_loss_and_grad(params, batch)
+
     def transform_grads(self, grads: Sequence[Tensor], generator: Optional[torch.Generator]) -> list[Tensor]:
         """The wrapped task's gradient transform, then this wrapper's own noise (if any)."""
         return super().transform_grads(self.task.transform_grads(grads, generator), generator)
@@ -74,6 +80,15 @@ class LogObjective(TaskWrapper):
         inner = self.task.particle_loss(params, batch)
         return None if inner is None else torch.log1p(inner)
 
+    def particle_loss_and_grad(self, params: Sequence[Tensor], batch: Any = None) -> Optional[tuple[Tensor, list[Tensor]]]:
+        """:meth:`particle_loss` and its gradient, the wrapped one over ``1 + f``."""
+        inner = self.task.particle_loss_and_grad(params, batch)
+        if inner is None:
+            return None
+        f, grads = inner
+        scale = 1.0 / (1.0 + f)
+        return torch.log1p(f), [g * scale.view(-1, *[1] * (g.dim() - 1)) for g in grads]
+
 
 class Rescaled(TaskWrapper):
     """The optimizer sees ``p / scale``: parameters ``scale`` times smaller, gradients larger.
@@ -100,6 +115,11 @@ class Rescaled(TaskWrapper):
     def particle_loss(self, params: Sequence[Tensor], batch: Any = None) -> Optional[Tensor]:
         """:meth:`loss` per particle, where the wrapped task has a ``particle_loss``."""
         return self.task.particle_loss([p * self.scale for p in params], batch)
+
+    def particle_loss_and_grad(self, params: Sequence[Tensor], batch: Any = None) -> Optional[tuple[Tensor, list[Tensor]]]:
+        """:meth:`particle_loss` and its gradient (the wrapped one times ``scale``)."""
+        inner = self.task.particle_loss_and_grad([p * self.scale for p in params], batch)
+        return None if inner is None else (inner[0], [g * self.scale for g in inner[1]])
 
     def transform_grads(self, grads: Sequence[Tensor], generator: Optional[torch.Generator]) -> list[Tensor]:
         """The wrapped transform, applied in the wrapped task's coordinates."""
@@ -144,6 +164,11 @@ class ReparamWeights(TaskWrapper):
     def particle_loss(self, params: Sequence[Tensor], batch: Any = None) -> Optional[Tensor]:
         """:meth:`loss` per particle, where the wrapped task has a ``particle_loss``."""
         return self.task.particle_loss([p * s for p, s in zip(params, self.scales)], batch)
+
+    def particle_loss_and_grad(self, params: Sequence[Tensor], batch: Any = None) -> Optional[tuple[Tensor, list[Tensor]]]:
+        """:meth:`particle_loss` and its gradient (the wrapped one times each tensor's scale)."""
+        inner = self.task.particle_loss_and_grad([p * s for p, s in zip(params, self.scales)], batch)
+        return None if inner is None else (inner[0], [g * s for g, s in zip(inner[1], self.scales)])
 
     def transform_grads(self, grads: Sequence[Tensor], generator: Optional[torch.Generator]) -> list[Tensor]:
         """The wrapped transform, applied in the wrapped task's coordinates."""
