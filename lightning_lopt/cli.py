@@ -92,6 +92,11 @@ class LightningLoptCLI(LightningCLI):
         """Start the clock that the final line reports; a resumed run's CSV logs continue its own folder."""
         self._fit_start = time.perf_counter()
         ckpt_path = self.config.get(str(self.subcommand), self.config).get("ckpt_path")
+        if ckpt_path:
+            # A resume rebuilds its callbacks from the same config and saves into the same folder, as
+            # meant: Lightning's reminders of both are noise here (a fresh run still gets the second).
+            warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks")
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
         loggers = [lg for lg in self.trainer.loggers if isinstance(lg, ResumableCSVLogger)]
         if ckpt_path and loggers:
             try:

@@ -177,7 +177,7 @@ def test_configure_optimizers_trains_with_the_learned_optimizer(tmp_path: Path) 
 def test_accumulate_grad_batches_steps_on_the_mean_gradient(tmp_path: Path) -> None:
     model = TinyModule(n_batches=8)
     spy = SpyOnFirstStep()
-    trainer = _trainer(tmp_path, max_epochs=1, accumulate_grad_batches=2, callbacks=[spy])
+    trainer = _trainer(tmp_path, max_epochs=1, accumulate_grad_batches=2, callbacks=[spy, EvalWithTrueParameters()])
     # The first step's gradient must be the mean of batches 0 and 1 at the initial point.
     expected = (model.batch_grad(0) + model.batch_grad(1)) / 2
     trainer.fit(model)
@@ -203,7 +203,8 @@ def test_gradient_clip_val_clips_before_the_step(tmp_path: Path) -> None:
     clip = 1e-2
     model = TinyModule(n_batches=3)
     spy, unclipped = SpyOnFirstStep(), RecordUnclipped()
-    trainer = _trainer(tmp_path, max_steps=3, gradient_clip_val=clip, callbacks=[spy, unclipped])
+    trainer = _trainer(tmp_path, max_steps=3, gradient_clip_val=clip,
+                       callbacks=[spy, unclipped, EvalWithTrueParameters()])
     trainer.fit(model)
     assert len(spy.seen) == 3 == len(unclipped.grads)
     for (_, seen), raw, norm in zip(spy.seen, unclipped.grads, unclipped.norms):
@@ -411,6 +412,7 @@ def test_cli_optimizer_section_builds_the_learned_optimizer(tmp_path: Path, cli_
                 "--trainer.max_steps=2",
                 "--trainer.enable_progress_bar=false",
                 "--trainer.enable_checkpointing=false",
+                "--trainer.callbacks+=lightning_lopt.callbacks.EvalWithTrueParameters",
                 f"--trainer.default_root_dir={tmp_path}",
                 *TINY_RUN,
             ],
@@ -469,7 +471,8 @@ def test_wandb_config_writes_nothing_into_the_working_directory(
     monkeypatch.setenv("WANDB_SILENT", "true")
     try:
         main(["fit", "-c", str(CONFIGS / "mnist1d_hrnn_wandb.yaml"), "--trainer.max_steps=2",
-              "--trainer.enable_progress_bar=false", *[a for a in TINY_RUN if "logger" not in a]])
+              "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1",
+              *[a for a in TINY_RUN if "logger" not in a]])
     finally:
         wandb.finish()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
