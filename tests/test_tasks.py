@@ -382,15 +382,16 @@ def test_conv_and_attention_families_compute_their_networks_and_are_opt_in():
         assert TaskDistribution(family_weights={family: 1.0}).sample(3).family == family
 
 
-def test_corpus_campaign_validates_on_a_deep_relu_net_a_conv_net_and_a_long_task():
-    """configs/meta_train_corpus.yaml's validation set holds what selection must see."""
+@pytest.mark.parametrize("name", ["meta_train_corpus.yaml", "meta_train_steady.yaml", "meta_train_wide.yaml"])
+def test_corpus_campaign_validates_on_a_deep_relu_net_a_conv_net_and_a_long_task(name):
+    """The corpus campaigns' validation sets hold what selection must see."""
     from pathlib import Path
 
     import yaml
 
     from lightning_lopt.meta.data import TaskDataModule
 
-    config = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "meta_train_corpus.yaml").read_text())
+    config = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / name).read_text())
     model = config["model"]["init_args"]
     tasks = TaskDistribution(**model["tasks"]["init_args"])
     data = TaskDataModule(**config["data"]["init_args"])
@@ -403,4 +404,6 @@ def test_corpus_campaign_validates_on_a_deep_relu_net_a_conv_net_and_a_long_task
 
     found = [(leaf(tasks.sample(s)), lengths[i % len(lengths)]) for i, s in enumerate(data.validation_seeds())]
     assert ("mlp_deep_relu", 3000) in found
-    assert any(f == "conv" for f, _ in found) and any(f == "attention" for f, _ in found)
+    assert any(f == "conv" for f, _ in found)
+    if name == "meta_train_corpus.yaml":  # the later runs weigh attention models too little to draw one
+        assert any(f == "attention" for f, _ in found)
