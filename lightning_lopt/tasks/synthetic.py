@@ -418,7 +418,39 @@ class MatMulAlgorithmTask(Task):
         return (err * err).sum(dim=1).mean()
 
 
-class ConvNetTask(_DataTask):
+class _TeacherClassifierTask(_DataTask):
+    """A classifier whose labels a random teacher of the student's architecture (larger weights) gives.
+
+    Pooled features of a random network share a sign, so one class would win everywhere: each
+    class's teacher logit is centred over the data set, which spreads the labels over the classes.
+    Subclasses define ``_forward(params, x)``.
+    """
+
+    num_classes: int
+
+    def _data_settings(self, num_classes: int, num_samples: int, batch_size: int, seed: int) -> torch.Generator:
+        """Store the settings every such task has; the generator of the data and the teacher."""
+        self.num_classes = int(num_classes)
+        self.num_samples = int(num_samples)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        return make_generator(seed)
+
+    def _forward(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _label(self, teacher: Sequence[Tensor]) -> None:
+        with torch.no_grad():
+            logits = self._forward(teacher, self.x)
+            self.y = (logits - logits.mean(0)).argmax(dim=1)
+
+    def loss(self, params: Sequence[Tensor], batch: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+        """Mean cross-entropy of the logits."""
+        x, y = self._data(batch)
+        return -F.log_softmax(self._forward(params, x), dim=-1).gather(-1, y.unsqueeze(-1)).mean()
+
+
+class ConvNetTask(_TeacherClassifierTask):
     """Small ReLU conv net classifying Gaussian ``size x size`` images labelled by a random teacher.
 
     Two 3x3 convolutions (the second with stride 2), global average pooling and a linear read-out;
@@ -450,18 +482,9 @@ class ConvNetTask(_DataTask):
             raise ValueError("need size >= 3, num_classes >= 2 and two positive channel counts.")
         self.size = int(size)
         self.channels = (int(channels[0]), int(channels[1]))
-        self.num_classes = int(num_classes)
-        self.num_samples = int(num_samples)
-        self.batch_size = int(batch_size)
-        self.seed = int(seed)
-        g = make_generator(seed)
+        g = self._data_settings(num_classes, num_samples, batch_size, seed)
         self.x = randn((num_samples, 1, size, size), g)
-        teacher = self._random_params(g, gain=3.0, bias_std=0.5)
-        with torch.no_grad():
-            # Pooled ReLU features share a sign, so one class would win everywhere: each class's
-            # logit is centred over the data set, which spreads the labels over the classes.
-            logits = self._forward(teacher, self.x)
-            self.y = (logits - logits.mean(0)).argmax(dim=1)
+        self._label(self._random_params(g, gain=3.0, bias_std=0.5))
 
     def _random_params(self, generator: torch.Generator, gain: float, bias_std: float) -> list[Tensor]:
         c1, c2 = self.channels
@@ -472,8 +495,7 @@ class ConvNetTask(_DataTask):
             params.append(randn((shape[0],), generator, std=bias_std))
         return params
 
-    @staticmethod
-    def _forward(params: Sequence[Tensor], x: Tensor) -> Tensor:
+    def _forward(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
         w1, b1, w2, b2, w3, b3 = params
         h = torch.relu(F.conv2d(x, w1, b1, padding=1))
         h = torch.relu(F.conv2d(h, w2, b2, stride=2, padding=1))
@@ -484,13 +506,8 @@ class ConvNetTask(_DataTask):
         params = self._random_params(generator, gain=math.sqrt(2.0), bias_std=0.0)
         return [p.to(self.x.device) for p in params]
 
-    def loss(self, params: Sequence[Tensor], batch: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
-        """Mean cross-entropy of the logits."""
-        x, y = self._data(batch)
-        return -F.log_softmax(self._forward(params, x), dim=-1).gather(-1, y.unsqueeze(-1)).mean()
 
-
-class AttentionTask(_DataTask):
+class AttentionTask(_TeacherClassifierTask):
     """One-head self-attention classifying Gaussian token sequences labelled by a random teacher.
 
     ``softmax(Q K^T / sqrt(d)) V`` over the sequence, then mean pooling and a linear read-out; the
@@ -521,16 +538,9 @@ class AttentionTask(_DataTask):
             raise ValueError("need length >= 1, dim >= 1 and num_classes >= 2.")
         self.length = int(length)
         self.dim = int(dim)
-        self.num_classes = int(num_classes)
-        self.num_samples = int(num_samples)
-        self.batch_size = int(batch_size)
-        self.seed = int(seed)
-        g = make_generator(seed)
+        g = self._data_settings(num_classes, num_samples, batch_size, seed)
         self.x = randn((num_samples, length, dim), g)
-        teacher = self._random_params(g, gain=3.0)
-        with torch.no_grad():
-            logits = self._forward(teacher, self.x)
-            self.y = (logits - logits.mean(0)).argmax(dim=1)  # centred, as ConvNetTask's
+        self._label(self._random_params(g, gain=3.0))
 
     def _random_params(self, generator: torch.Generator, gain: float) -> list[Tensor]:
         d, std = self.dim, gain / math.sqrt(self.dim)
@@ -546,8 +556,3 @@ class AttentionTask(_DataTask):
     def init_params(self, generator: torch.Generator) -> list[Tensor]:
         """Projections ``N(0, 1/dim)``, read-out ``N(0, 1/dim)`` and a zero bias."""
         return [p.to(self.x.device) for p in self._random_params(generator, gain=1.0)]
-
-    def loss(self, params: Sequence[Tensor], batch: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
-        """Mean cross-entropy of the logits."""
-        x, y = self._data(batch)
-        return -F.log_softmax(self._forward(params, x), dim=-1).gather(-1, y.unsqueeze(-1)).mean()
