@@ -97,14 +97,14 @@ class CheckpointOnInterrupt(Checkpoint):
 
     def on_exception(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
         """Save the checkpoint and say where it is."""
-        trainer.save_checkpoint(self.ckpt_path)
+        trainer.save_checkpoint(self.ckpt_path, weights_only=False)  # a full checkpoint: it resumes
         rank_zero_info(f"Saved {self.ckpt_path}; continue with --ckpt_path last.")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Save where a fit stopped before ``max_steps`` (a time limit, early stopping)."""
         self._keep = trainer.should_stop and 0 < trainer.max_steps and trainer.global_step < trainer.max_steps
         if self._keep:
-            trainer.save_checkpoint(self.ckpt_path)
+            trainer.save_checkpoint(self.ckpt_path, weights_only=False)
             rank_zero_info(f"Stopped at step {trainer.global_step}: saved {self.ckpt_path}; continue with --ckpt_path last.")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
