@@ -301,15 +301,21 @@ class MLPTask(_DataTask):
         if type(self).loss is not MLPTask.loss or type(self)._forward is not MLPTask._forward:
             return None
         x, y = self._data(batch)
-        h = x
+        h, _ = self._particle_logits(params, x)
+        picked = F.log_softmax(h, dim=-1).gather(-1, y.view(1, -1, 1).expand(h.shape[0], -1, 1))
+        return -picked.mean((-2, -1))
+
+    def _particle_logits(self, params: Sequence[Tensor], x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Every particle's logits ``(P, B, classes)``, and each layer's input (for backpropagation)."""
+        inputs, h = [], x
         n_layers = len(params) // 2
         for i in range(n_layers):
+            inputs.append(h)
             # (B, in) or (P, B, in) times (P, in, out): every particle's layer in one batched product.
             h = torch.matmul(h, params[2 * i].transpose(-1, -2)) + params[2 * i + 1].unsqueeze(-2)
             if i < n_layers - 1:
                 h = self._activation(h)
-        picked = F.log_softmax(h, dim=-1).gather(-1, y.view(1, -1, 1).expand(h.shape[0], -1, 1))
-        return -picked.mean((-2, -1))
+        return h, inputs
 
     def particle_loss_and_grad(
         self, params: Sequence[Tensor], batch: Optional[tuple[Tensor, Tensor]] = None
@@ -323,12 +329,7 @@ class MLPTask(_DataTask):
             return None
         x, y = self._data(batch)
         n_layers, particles = len(params) // 2, params[0].shape[0]
-        inputs, h = [], x
-        for i in range(n_layers):
-            inputs.append(h)
-            h = torch.matmul(h, params[2 * i].transpose(-1, -2)) + params[2 * i + 1].unsqueeze(-2)
-            if i < n_layers - 1:
-                h = self._activation(h)
+        h, inputs = self._particle_logits(params, x)
         index = y.view(1, -1, 1).expand(particles, -1, 1)
         log_probs = F.log_softmax(h, dim=-1)
         losses = -log_probs.gather(-1, index).mean((-2, -1))
