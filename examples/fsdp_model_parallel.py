@@ -97,6 +97,9 @@ def main() -> None:
         resumed.fit(ShardedRegression(), data(), ckpt_path=args.checkpoint)
         if resumed.is_global_zero:
             print(f"resumed to step {resumed.global_step}, train_loss {float(resumed.callback_metrics['train_loss']):.4f}")
+    # torch asks every process to end its process groups itself: left to the interpreter's exit,
+    # gloo's threads can abort it ("terminate called without an active exception").
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -197,6 +197,10 @@ def main(args: ArgsType = None) -> None:
         print(f"lightning-lopt: error: {message}\n(--traceback or {TRACEBACK_ENV}=1 shows where it was raised)",
               file=sys.stderr)
         raise SystemExit(2) from None
+    # torch asks every process to end its process groups itself (DDP meta-training): left to the
+    # interpreter's exit, gloo's threads can abort it ("terminate called without an active exception").
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

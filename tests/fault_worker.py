@@ -113,6 +113,8 @@ def main() -> None:
                            devices=args.devices)
         trainer.fit(module, TaskDataModule(tasks_per_step=2), ckpt_path="last" if args.resume else None)
         torch.save(module.lopt.state_dict(), args.out / f"final_{estimator}_rank{trainer.global_rank}.pt")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 if __name__ == "__main__":
     main()

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from lightning_lopt.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
+from tests.processes import ended_well
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_meta import _free_port  # noqa: E402
@@ -53,7 +54,7 @@ def _finish(proc: subprocess.Popen, out: Path) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         raise
-    assert rc == 0, _log_tail(out)
+    assert ended_well(rc, _log_tail(out), any(out.glob("final_*_rank0.pt"))), _log_tail(out)
 
 
 def _steps_done(out: Path, estimator: str) -> int:

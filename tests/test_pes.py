@@ -31,6 +31,7 @@ from lightning_lopt.meta.pes import (
     unroll_particles,
 )
 from lightning_lopt.tasks import GradientNoise, QuadraticTask, ReparamWeights, Task, TaskDistribution
+from tests.processes import ended_well
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_meta import QuadDistribution, _meta_trainer  # noqa: E402
@@ -261,6 +262,7 @@ trainer = pl.Trainer(max_steps=4, accelerator="cpu", devices=2, strategy="ddp", 
 trainer.fit(module, TaskDataModule(tasks_per_step=2))
 torch.save({{"params": module.lopt.state_dict(), "seeds": [s.seed for s in module.slots],
             "xi": [s.xi for s in module.slots]}}, {out!r} + f"/rank{{trainer.global_rank}}.pt")
+torch.distributed.destroy_process_group()
 """
 
 
@@ -276,7 +278,8 @@ def test_pes_under_ddp_averages_the_estimate_across_ranks(tmp_path):
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), PYTHONWARNINGS="ignore")
     env.pop("LOCAL_RANK", None)
     proc = subprocess.run([sys.executable, str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = all((tmp_path / f"rank{r}.pt").exists() for r in (0, 1))
+    assert ended_well(proc.returncode, proc.stderr, written), proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert not set(r0["seeds"]) & set(r1["seeds"])
     assert not torch.equal(r0["xi"][0], r1["xi"][0])  # each rank draws its own perturbations
