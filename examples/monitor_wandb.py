@@ -15,7 +15,7 @@ import torch
 from lightning_lopt.loggers import WandbLogger  # Lightning's, without two spurious W&B warnings
 
 from lightning_lopt import HierarchicalRNNOptimizer
-from lightning_lopt.callbacks import EvalWithTrueParameters, LearnedOptimizerMonitor
+from lightning_lopt.callbacks import EvalWithTrueParameters, LearnedOptimizerMonitor, TrainingProgress
 from lightning_lopt.data import MNIST1DDataModule
 from lightning_lopt.models import MLPClassifier
 
@@ -42,7 +42,11 @@ def main() -> None:
         max_epochs=args.epochs,
         log_every_n_steps=10,
         logger=logger,
-        callbacks=[EvalWithTrueParameters(), LearnedOptimizerMonitor(logging_interval=args.interval)],
+        callbacks=[
+            EvalWithTrueParameters(),
+            TrainingProgress(),
+            LearnedOptimizerMonitor(logging_interval=args.interval),
+        ],
     )
     trainer.fit(MLPWithLearnedOptimizer(hidden_dims=(100, 100)), MNIST1DDataModule(batch_size=128))
     print(f"Run files (history, figures): {logger.experiment.dir}")

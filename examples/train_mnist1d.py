@@ -2,9 +2,11 @@
 
     python examples/train_mnist1d.py --max-epochs 10
 
-The two lines that matter: ``configure_optimizers`` returns ``HierarchicalRNNOptimizer``, and the
+The lines that matter: ``configure_optimizers`` returns ``HierarchicalRNNOptimizer``, and the
 Trainer gets the ``EvalWithTrueParameters`` callback, so that validation, testing and checkpoints
-use the true parameters rather than the look-ahead point the optimizer trains at.
+use the true parameters rather than the look-ahead point the optimizer trains at, and the
+``TrainingProgress`` callback, which tells the optimizer the run's length (the learned step
+decays over its last half).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_lopt import HierarchicalRNNOptimizer
-from lightning_lopt.callbacks import EvalWithTrueParameters
+from lightning_lopt.callbacks import EvalWithTrueParameters, TrainingProgress
 from lightning_lopt.data import MNIST1DDataModule
 
 
@@ -55,7 +57,7 @@ def main(max_epochs: int = 10, **trainer_kwargs: Any) -> float:
     pl.seed_everything(0)
     data = MNIST1DDataModule(batch_size=128, seed=42)
     model = Classifier()
-    trainer = pl.Trainer(max_epochs=max_epochs, callbacks=[EvalWithTrueParameters()], **trainer_kwargs)
+    trainer = pl.Trainer(max_epochs=max_epochs, callbacks=[EvalWithTrueParameters(), TrainingProgress()], **trainer_kwargs)
     trainer.fit(model, datamodule=data)
     (metrics,) = trainer.validate(model, datamodule=data, verbose=False)
     print(f"validation accuracy: {metrics['val_acc']:.4f}")

@@ -177,6 +177,11 @@ class HierarchicalRNN(nn.Module):
         max_update_ratio: A trust-ratio bound: each tensor's update is scaled down, where needed, so
             that its norm is at most this fraction of the tensor's norm before the step (tensors of
             norm zero, such as zero-initialised biases, are not bound). None: no bound.
+        decay_fraction: The fraction of training, at its end, over which
+            :class:`~lightning_lopt.HierarchicalRNNOptimizer` lets the learned step decay linearly
+            to zero when it knows the horizon (``total_steps``): the decay phase of a
+            warmup-stable-decay schedule, which a rule meta-trained on short truncations does not
+            learn. :meth:`step` itself steps at the ``lr`` it is given. None: no decay.
         gate_bias: Initial gate bias of all GRUs.
         shortcut_init: Mean of the initial shortcut weights from rescaled momenta to directions.
         shortcut_init_std: Standard deviation of that initialisation.
@@ -206,6 +211,7 @@ class HierarchicalRNN(nn.Module):
         lr_adaptation: Optional[str] = None,
         hypergradient_lr: float = 0.02,
         log_gain_bounds: tuple[float, float] = (-7.0, 3.0),
+        decay_fraction: Optional[float] = None,
         gate_bias: float = 2.2,
         shortcut_init: float = 0.25,
         shortcut_init_std: float = 0.05,
@@ -259,6 +265,11 @@ class HierarchicalRNN(nn.Module):
         if lr_adaptation is not None:
             self.config.update(lr_adaptation=lr_adaptation, hypergradient_lr=float(hypergradient_lr),
                                log_gain_bounds=[float(b) for b in log_gain_bounds])
+        if decay_fraction is not None:
+            if not 0.0 <= decay_fraction <= 1.0:
+                raise ValueError(f"decay_fraction must be in [0, 1] or None, got {decay_fraction}.")
+            self.config.update(decay_fraction=float(decay_fraction))
+        self.decay_fraction = None if decay_fraction is None else float(decay_fraction)
         self.lr_adaptation = lr_adaptation
         self.hypergradient_lr = float(hypergradient_lr)
         self.log_gain_bounds = (float(log_gain_bounds[0]), float(log_gain_bounds[1]))

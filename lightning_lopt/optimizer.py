@@ -213,6 +213,12 @@ class HierarchicalRNNOptimizer(Optimizer):
             one); "none" turns a gain off. None: the weights' own setting. The gain reads the loss that a closure returns; stepped
             without a closure it uses the gradient alignment alone.
         hypergradient_lr: Step of the hypergradient descent on each tensor's log step size.
+        decay_fraction: When the horizon (total_steps) is known, the learned step decays linearly
+            to zero over this fraction of training at its end, as the decay phase of a
+            warmup-stable-decay schedule; the factor multiplies lr (so also the weight decay).
+            0: no decay; set it when an LR scheduler anneals lr instead. None: the weights' own
+            setting (decay_fraction in their config; the shipped default weights carry 0.5).
+            Without a horizon there is no decay.
 
     Sharded parameters (DTensors from ``fully_shard``, ``Shard`` or ``Replicate`` on one 1-D mesh)
     are stepped shard by shard; each rank keeps state for its local shard only, and the per-tensor
@@ -241,6 +247,7 @@ class HierarchicalRNNOptimizer(Optimizer):
         max_update_ratio: Optional[float] = None,
         lr_adaptation: Optional[str] = None,
         hypergradient_lr: float = 0.02,
+        decay_fraction: Optional[float] = None,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning-rate multiplier lr={lr}: it must be >= 0.")
@@ -264,6 +271,11 @@ class HierarchicalRNNOptimizer(Optimizer):
             if isinstance(weights, HierarchicalRNN):
                 raise ValueError("Set lr_adaptation on the HierarchicalRNN passed as weights, not here.")
             self.lopt.set_lr_adaptation(None if lr_adaptation == "none" else lr_adaptation, hypergradient_lr)
+        if decay_fraction is None:
+            decay_fraction = self.lopt.decay_fraction or 0.0
+        if not 0.0 <= decay_fraction <= 1.0:
+            raise ValueError(f"Invalid decay_fraction={decay_fraction}: a fraction of training in [0, 1] (0: no decay).")
+        self.decay_fraction = float(decay_fraction)
         if not isinstance(weights, HierarchicalRNN):  # a module passed in may be under meta-training: leave it be
             for p in self.lopt.parameters():
                 p.requires_grad_(False)
@@ -361,6 +373,15 @@ class HierarchicalRNNOptimizer(Optimizer):
         st = self.hrnn_state
         done = 0 if st is None else int(st["step"]) + int(st["skipped"])
         return done / self._total_steps
+
+    @property
+    def decay_factor(self) -> float:
+        """What the next step multiplies ``lr`` by: 1 until the last :attr:`decay_fraction` of
+        training, then falling linearly to 0 at :attr:`total_steps`; 1 without a horizon."""
+        progress = self.progress
+        if progress is None or self.decay_fraction == 0.0:
+            return 1.0
+        return min(1.0, max(0.0, (1.0 - progress) / self.decay_fraction))
 
     def request_diagnostics(self) -> None:
         """Make the next :meth:`step` compute a :class:`StepDiagnostics` into ``last_diagnostics``."""
@@ -581,7 +602,8 @@ class HierarchicalRNNOptimizer(Optimizer):
 
     def _per_tensor_hyperparameters(self, active: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
         # Made anew only when a group's lr or weight decay changes (a scheduler) or the active set does.
-        values = [(float(g["lr"]), float(g["weight_decay"])) for g in self.param_groups for _ in g["params"]]
+        factor = self.decay_factor
+        values = [(float(g["lr"]) * factor, float(g["weight_decay"])) for g in self.param_groups for _ in g["params"]]
         key = (tuple(values[i] for i in active), device)
         if self._hyper_cache is None or self._hyper_cache[0] != key:
             lr = torch.tensor([v[0] for v in key[0]], dtype=torch.float32, device=device)
@@ -858,6 +880,7 @@ class HierarchicalRNNOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_total_steps", None)  # pickled before the horizon existed
+        self.__dict__.setdefault("decay_fraction", 0.0)  # pickled before the decay existed
         for k in self._TRANSIENT:
             setattr(self, k, None)
         self._layout_cache = {}

@@ -12,6 +12,7 @@ import torch
 
 from lightning_lopt.bench import quality as q
 from lightning_lopt.hrnn import HierarchicalRNN
+from lightning_lopt.optimizer import HierarchicalRNNOptimizer
 
 # Tiny versions of every task: the same code paths, a fraction of the data and width.
 TINY: dict[str, dict[str, Any]] = {
@@ -285,6 +286,55 @@ def test_cosine_variant_anneals_the_lr_multiplier_from_1_to_0(
     assert cosine["variant"] == q.COSINE and cosine["optimizer"] == "learned:cosine@1"
     # Not vacuous: the annealed lr changes the run.
     assert abs(cosine["final_loss"] - constant["final_loss"]) > 1e-4 * abs(constant["final_loss"])
+
+
+def test_decayed_baselines_run_the_learned_defaults_ramp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decayed baseline's lr each step is the ramp that the learned optimizer applies with
+    decay_fraction=0.5 and a known horizon: constant, then linear to 0 over the last half."""
+    steps = 16
+    task = q.build_task("f", **TINY["f"])
+    seen: list[float] = []
+    _lr_hooked(monkeypatch, lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))
+    run = q.run_one(task, q.OptimizerConfig("adam", 1e-2, q.DECAYED), 0, steps, eval_points=4)
+    learned = HierarchicalRNNOptimizer([torch.nn.Parameter(torch.ones(3))], weights=HierarchicalRNN(decay_fraction=0.5),
+                                       total_steps=steps)
+    factors = []
+    for _ in range(steps):
+        factors.append(learned.decay_factor)
+        for p in learned.param_groups[0]["params"]:
+            p.grad = torch.ones_like(p)
+        learned.step()
+    assert factors == [min(1.0, (1 - t / steps) / 0.5) for t in range(steps)]
+    assert seen == pytest.approx([1e-2 * f for f in factors], rel=1e-12, abs=1e-15)
+    assert run["optimizer"] == "adam:decayed@0.01" and run["variant"] == q.DECAYED
+
+
+def test_decayed_baselines_are_tuned_apart_and_leave_the_bar_alone(tmp_path: Path) -> None:
+    summaries = [
+        _fake_summary("adam", 1e-3, [1.0, 1.0]),
+        {**_fake_summary("adam", 1e-2, [0.1, 0.1]), "variant": q.DECAYED, "optimizer": "adam:decayed@0.01"},
+    ]
+    assert q.select_tuned(summaries)["best"]["lr"] == 1e-3
+    assert q.select_tuned(summaries, variant=q.DECAYED)["best"]["optimizer"] == "adam:decayed@0.01"
+    kwargs: dict[str, Any] = dict(
+        task_keys=["d", "f"], out=tmp_path, seeds=1, steps_scale=0.02, show_progress=False,
+        task_overrides={"d": TINY["d"], "f": TINY["f"]}, sweeps={"adam": (1e-3,), "rmsprop": (1e-3,), "sgd": (1e-2,)},
+        eval_points=5,
+    )  # fmt: skip
+    results = q.run_benchmark(**kwargs, decayed_baselines=True)
+    assert results["meta"]["runs_executed"] == 2 * 7  # learned, 3 constant and 3 decayed baseline settings
+    plain = q.run_benchmark(**kwargs)
+    for key in ("d", "f"):
+        a = results["tasks"][key]["analysis"]
+        assert a["tuned"] == plain["tasks"][key]["analysis"]["tuned"]  # the constant baselines alone
+        best = results["tasks"][key]["summaries"][a["tuned_decayed"]["best"]]
+        learned = results["tasks"][key]["summaries"][a["learned"]]
+        assert best["variant"] == q.DECAYED
+        assert a["ratio_to_best_decayed"] == pytest.approx(learned["final_loss"]["mean"] / best["final_loss"]["mean"])
+    assert results["bar"]["bar_met"] == plain["bar"]["bar_met"]
+    section = results["markdown"].split("## At equal schedules", 1)[1].split("\n## ", 1)[0]
+    assert section.count("| d breast_cancer_logreg |") == 1 and "groups." in section
+    assert "## At equal schedules" not in plain["markdown"]
 
 
 def test_cosine_variant_is_reported_and_leaves_the_bar_alone(tmp_path: Path) -> None:

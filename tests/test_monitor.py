@@ -192,6 +192,7 @@ def _assert_monitor_scalars(metrics: dict[str, Any], tensors: tuple[str, ...] = 
         "lopt/update/ratio",
         "lopt/tensor_rnn/rms",
         "lopt/skipped_steps",
+        "lopt/decay_factor",
         *GLOBAL_UNITS,
     ]
     for name in tensors:
@@ -227,6 +228,27 @@ def test_csv_logger_gets_scalars(logged_run: dict[str, Any]) -> None:
     assert [int(r["step"]) for r in logged] == list(range(0, logged_run["batches"], 4))
     for row in logged:
         _assert_monitor_scalars(row)
+
+
+def test_decay_factor_is_logged_for_the_step_it_scaled(tmp_path: Path) -> None:
+    """With TrainingProgress, the logged decay factor is 1, then falls linearly to 0 over the last half."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_lopt.callbacks import TrainingProgress
+
+    class Decaying(_TinyMLP):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return HierarchicalRNNOptimizer(self.parameters(), weights=None, decay_fraction=0.5)
+
+    logger = CSVLogger(str(tmp_path), name="csv")
+    trainer = _trainer(max_epochs=1, logger=logger, limit_val_batches=0,
+                       callbacks=[TrainingProgress(), LearnedOptimizerMonitor(logging_interval=2)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Decaying(), _classification_data())  # 12 steps
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        logged = {int(r["step"]): float(r["lopt/decay_factor"]) for r in csv.DictReader(f) if r.get("lopt/decay_factor")}
+    assert logged == pytest.approx({k: min(1.0, (1 - k / 12) / 0.5) for k in range(0, 12, 2)})
 
 
 def test_tensorboard_logger_gets_scalars_and_histograms(logged_run: dict[str, Any]) -> None:

@@ -760,6 +760,61 @@ def test_horizon_is_ignored_without_progress_input(lopt):
     assert torch.equal(a, b)
 
 
+def _run_decaying(weights, total_steps, steps=8, scheduler=None, **kwargs):
+    model = make_mlp()
+    opt = HierarchicalRNNOptimizer(model.parameters(), weights=weights, total_steps=total_steps, weight_decay=0.01,
+                                   **kwargs)
+    sched = None if scheduler is None else torch.optim.lr_scheduler.LambdaLR(opt, scheduler)
+    factors = []
+    for _ in range(steps):
+        factors.append(opt.decay_factor)
+        train(model, opt, 1)
+        if sched is not None:
+            sched.step()
+    return flat(model.parameters()), factors
+
+
+def test_decay_phase_equals_the_same_schedule_on_lr():
+    """With a horizon, the last decay_fraction of training multiplies lr by a linear ramp to 0: the trajectory
+    equals torch's LambdaLR with that ramp on weights without the decay (weight decay included)."""
+    decaying = HierarchicalRNN(decay_fraction=0.5)
+    plain = HierarchicalRNN()
+    plain.load_state_dict(decaying.state_dict())
+    got, factors = _run_decaying(decaying, total_steps=8)
+    assert factors == [1, 1, 1, 1, 1, 0.75, 0.5, 0.25]  # step k: min(1, (1 - k/8) / 0.5)
+    want, _ = _run_decaying(plain, total_steps=8, scheduler=lambda k: min(1.0, (1 - k / 8) / 0.5))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    undecayed, ones = _run_decaying(plain, total_steps=8)
+    assert ones == [1.0] * 8 and not torch.allclose(got, undecayed)
+
+
+def test_decay_needs_a_horizon_and_can_be_turned_off():
+    """Without total_steps there is no decay; decay_fraction=0 turns the weights' decay off."""
+    decaying = HierarchicalRNN(decay_fraction=0.5)
+    plain = HierarchicalRNN()
+    plain.load_state_dict(decaying.state_dict())
+    reference, _ = _run_decaying(plain, total_steps=None)
+    no_horizon, factors = _run_decaying(decaying, total_steps=None)
+    assert factors == [1.0] * 8 and torch.equal(no_horizon, reference)
+    off, factors = _run_decaying(decaying, total_steps=8, decay_fraction=0.0)
+    assert factors == [1.0] * 8 and torch.equal(off, reference)
+
+
+def test_shipped_weights_decay_over_the_last_half():
+    opt = HierarchicalRNNOptimizer([nn.Parameter(torch.zeros(2))])
+    assert opt.decay_fraction == 0.5 and opt.decay_factor == 1.0
+    opt.total_steps = 4
+    assert opt.decay_factor == 1.0  # no step taken yet
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
+def test_invalid_decay_fraction_raises(lopt, bad):
+    with pytest.raises(ValueError, match="decay_fraction"):
+        HierarchicalRNNOptimizer(make_mlp().parameters(), weights=lopt, decay_fraction=bad)
+    with pytest.raises(ValueError, match="decay_fraction"):
+        HierarchicalRNN(decay_fraction=bad)
+
+
 @pytest.mark.parametrize("bad", [0, -3, 2.5, float("inf")])
 def test_invalid_total_steps_raise(lopt, bad):
     with pytest.raises(ValueError, match="total_steps"):

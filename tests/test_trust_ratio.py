@@ -100,3 +100,18 @@ def test_sweep_sets_the_step_gain(capsys):
     row = next(line for line in out.splitlines() if line.startswith("| d "))
     first, second = (float(c) for c in row.split("|")[3:5])
     assert first > 0 and second > 0 and first != second  # the gain changed the run
+
+
+def test_sweep_sets_the_decay_phase(capsys):
+    from lightning_lopt.bench import trust_sweep
+
+    assert trust_sweep.bounded("default", 0.01, decay_fraction="0.2").decay_fraction == 0.2
+    assert trust_sweep.bounded("default", 0.01).decay_fraction == HierarchicalRNN.from_pretrained(
+        "lightning_lopt/weights/default.safetensors").decay_fraction
+    trust_sweep.main(["--tasks", "d", "--ratios", "0.01", "--decay-fractions", "0,1", "--seeds", "1",
+                      "--steps-scale", "0.2"])
+    out = capsys.readouterr().out
+    assert "| task | Adam 1e-3 | bound 0.01, decay 0 | bound 0.01, decay 1 |" in out
+    row = next(line for line in out.splitlines() if line.startswith("| d "))
+    cells = [float(c) for c in row.split("|")[2:5]]
+    assert all(c > 0 for c in cells) and cells[1] != cells[2]

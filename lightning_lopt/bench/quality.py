@@ -116,6 +116,19 @@ COSINE = "cosine"
 # they are the learned optimizer's sweep, of as many points as Adam's.
 LR_SWEEP = "lr_sweep"
 LEARNED_SWEEP: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+# Variant of the baselines whose learning rate decays linearly to 0 over the last
+# ``PARITY_DECAY_FRACTION`` of the run (``--decayed-baselines``), as the shipped default weights
+# decay the learned step: the comparison at equal schedules.
+DECAYED = "decayed"
+PARITY_DECAY_FRACTION = 0.5
+
+
+def decay_ramp(step: int, steps: int, fraction: float = PARITY_DECAY_FRACTION) -> float:
+    """The lr factor of step ``step`` (from 0) of ``steps``: 1, then linear to 0 over the last ``fraction``
+    (what :attr:`~lightning_lopt.HierarchicalRNNOptimizer.decay_factor` applies with a known horizon)."""
+    if fraction == 0.0:
+        return 1.0
+    return min(1.0, max(0.0, (1.0 - step / steps) / fraction))
 
 
 # ============================================================================ tasks
@@ -142,7 +155,7 @@ class OptimizerConfig:
     @property
     def key(self) -> str:
         """Stable identifier, e.g. ``adam@0.001`` or ``learned:no_attention@1``."""
-        name = self.kind if self.kind != "learned" or self.variant == "default" else f"learned:{self.variant}"
+        name = self.kind if self.variant == "default" else f"{self.kind}:{self.variant}"
         return f"{name}@{self.lr:.3g}"
 
     @property
@@ -150,7 +163,8 @@ class OptimizerConfig:
         """Human-readable name."""
         if self.kind == "learned":
             return "learned" if self.variant == "default" else f"learned ({self.variant})"
-        return f"{KIND_LABELS[self.kind]} {self.lr:.3g}"
+        suffix = " + decay" if self.variant == DECAYED else ""
+        return f"{KIND_LABELS[self.kind]} {self.lr:.3g}{suffix}"
 
 
 def make_optimizer(
@@ -167,8 +181,11 @@ def make_optimizer(
         if lopt is None:
             raise ValueError("The learned optimizer needs weights.")
         state_dtype = STATE_DTYPE_VARIANTS.get(config.variant)  # None: the optimizer's float32 default
+        # With the cosine schedule on lr, the external schedule replaces the weights' own decay.
+        decay_fraction = 0.0 if config.variant == COSINE else None
         return HierarchicalRNNOptimizer(
-            params, weights=lopt, lr=config.lr, seed=seed, state_dtype=state_dtype, total_steps=total_steps
+            params, weights=lopt, lr=config.lr, seed=seed, state_dtype=state_dtype, total_steps=total_steps,
+            decay_fraction=decay_fraction,
         )
     if config.kind == "adam":
         return torch.optim.Adam(params, lr=config.lr)
@@ -293,7 +310,11 @@ def run_one(
     params = [p.detach().clone().requires_grad_(True) for p in task.init_params(init_gen)]
     opt = make_optimizer(config, params, lopt, seed, total_steps=steps)
     learned = isinstance(opt, HierarchicalRNNOptimizer)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if config.variant == COSINE else None
+    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
+    if config.variant == COSINE:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    elif config.variant == DECAYED:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: decay_ramp(t, steps))
 
     def at_true_params(fn: Callable[[], Any]) -> Any:
         # With attention the model holds the look-ahead point while training.
@@ -616,12 +637,16 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def select_tuned(summaries: Iterable[dict[str, Any]], kinds: Sequence[str] = BASELINE_KINDS) -> dict[str, Any]:
+def select_tuned(
+    summaries: Iterable[dict[str, Any]], kinds: Sequence[str] = BASELINE_KINDS, variant: str = "default"
+) -> dict[str, Any]:
     """The tuned baselines: per optimizer kind, and overall, the setting of lowest mean final loss.
 
     Args:
         summaries: Outputs of :func:`summarize` (any kinds; those not in ``kinds`` are ignored).
         kinds: Baseline kinds to tune over.
+        variant: Only settings of this variant take part (``default``: constant learning rates;
+            :data:`DECAYED`: the decaying ones).
 
     Returns:
         ``{"adam": summary, "rmsprop": summary, "sgd": summary, "best": summary}``; a kind is
@@ -630,7 +655,7 @@ def select_tuned(summaries: Iterable[dict[str, Any]], kinds: Sequence[str] = BAS
     """
     chosen: dict[str, Any] = {}
     for s in summaries:
-        if s["kind"] not in kinds:
+        if s["kind"] not in kinds or s.get("variant", "default") != variant:
             continue
         current = chosen.get(s["kind"])
         if current is None or s["final_loss"]["mean"] < current["final_loss"]["mean"]:
@@ -817,6 +842,12 @@ def analyse_task(summaries: dict[str, dict[str, Any]], sweeps: dict[str, Sequenc
         result["ratio_learned_tuned_to_best_tuned"] = _ratio(tm, best["final_loss"]["mean"] if best else None)
         result["learned_tuned_beats_adam_default"] = bool(adam and tm < adam["final_loss"]["mean"])
         result["learned_tuned_beats_best_tuned"] = bool(best and tm < best["final_loss"]["mean"])
+    decayed = select_tuned(summaries.values(), variant=DECAYED)
+    if decayed.get("best") and learned:
+        dm = decayed["best"]["final_loss"]["mean"]
+        result["tuned_decayed"] = {k: (v["optimizer"] if v else None) for k, v in decayed.items()}
+        result["ratio_to_best_decayed"] = _ratio(learned["final_loss"]["mean"], dm)
+        result["beats_best_decayed"] = bool(learned["final_loss"]["mean"] < dm)
     if learned:
         result["learned_update_rms"] = learned.get("update_rms")
         tuned_adam = tuned.get("adam")
@@ -847,6 +878,8 @@ def bar_summary(analyses: dict[str, dict[str, Any]], task_keys: Sequence[str], f
         groups.setdefault(TASKS[k].group, []).append(k)
     g_adam = [g for g, ks in groups.items() if all(k in beats_adam for k in ks)]
     g_best = [g for g, ks in groups.items() if all(k in beats_best for k in ks)]
+    beats_decayed = [k for k in rows if analyses[k].get("beats_best_decayed")]
+    g_decayed = [g for g, ks in groups.items() if all(k in beats_decayed for k in ks)]
     deep = analyses.get("e", {}).get("ratio_to_adam_default") if "e" in rows else None
     complete = full and all(k in rows for k in TASKS)
     met = (
@@ -864,6 +897,9 @@ def bar_summary(analyses: dict[str, dict[str, Any]], task_keys: Sequence[str], f
         "groups": sorted(groups),
         "groups_beating_adam_default": sorted(g_adam),
         "groups_beating_best_tuned": sorted(g_best),
+        # At equal schedules (--decayed-baselines): not part of the bar, which compares constant lrs.
+        "beats_best_decayed": beats_decayed,
+        "groups_beating_best_decayed": sorted(g_decayed),
         "learned_diverged": diverged,
         "learned_stalled": stalled,
         "deep_mlp_ratio_to_adam_default": deep,
@@ -904,6 +940,7 @@ def plan_jobs(
     bf16_state: bool = False,
     cosine: bool = False,
     tune_learned: bool = False,
+    decayed_baselines: bool = False,
     min_steps: int = 1,
     eval_points: int = 50,
     task_overrides: Optional[dict[str, dict[str, Any]]] = None,
@@ -930,6 +967,8 @@ def plan_jobs(
                 keys.add(OptimizerConfig(kind, float(lr)).key)
         if OptimizerConfig("adam", ADAM_DEFAULT_LR).key not in keys:
             configs.append((OptimizerConfig("adam", ADAM_DEFAULT_LR), None))
+        if decayed_baselines:
+            configs += [(OptimizerConfig(kind, float(lr), DECAYED), None) for kind in BASELINE_KINDS for lr in sweeps[kind]]
         for config, w in configs:
             for seed in range(seeds):
                 jobs.append(Job(key, config, seed, steps, w, min(eval_points, steps), overrides))
@@ -948,6 +987,7 @@ def run_benchmark(
     bf16_state: bool = False,
     cosine: bool = False,
     tune_learned: bool = False,
+    decayed_baselines: bool = False,
     threads: int = 1,
     workers: int = 1,
     use_cache: bool = True,
@@ -973,6 +1013,9 @@ def run_benchmark(
             over the run (variant ``cosine``).
         tune_learned: Also run the learned optimizer at the lr multipliers of :data:`LEARNED_SWEEP`
             (variant ``lr_sweep``) and report the best beside the untuned run.
+        decayed_baselines: Also run every baseline setting with its learning rate decaying
+            linearly to 0 over the last :data:`PARITY_DECAY_FRACTION` of the run (variant
+            :data:`DECAYED`), tuned separately: the comparison at the learned default's schedule.
         threads: torch threads per run.
         workers: Runs in parallel processes.
         use_cache: Reuse finished runs from ``out/runs``.
@@ -995,7 +1038,7 @@ def run_benchmark(
     plan = plan_ablations(ablation_weights or {}, w.config) if ablation else None
     jobs = plan_jobs(
         task_keys, seeds, scale, sweeps, weights, plan, bf16_state=bf16_state, cosine=cosine,
-        tune_learned=tune_learned, min_steps=QUICK_MIN_STEPS if quick else 1, eval_points=eval_points, task_overrides=task_overrides,
+        tune_learned=tune_learned, decayed_baselines=decayed_baselines, min_steps=QUICK_MIN_STEPS if quick else 1, eval_points=eval_points, task_overrides=task_overrides,
     )  # fmt: skip
     t_runs = time.perf_counter()
     records, executed = run_jobs(
@@ -1058,6 +1101,8 @@ def run_benchmark(
         results["cosine"] = {"variant": COSINE, "optimizer": OptimizerConfig("learned", 1.0, COSINE).key}
     if tune_learned:
         results["tune_learned"] = {"variant": LR_SWEEP, "sweep": list(LEARNED_SWEEP)}
+    if decayed_baselines:
+        results["decayed_baselines"] = {"variant": DECAYED, "fraction": PARITY_DECAY_FRACTION}
     results["meta"]["wall_seconds"] = time.perf_counter() - t0
     md = render_markdown(results)
     (out / "results.md").write_text(md)
@@ -1108,6 +1153,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"also run the learned optimizer at lr multipliers {', '.join(f'{v:g}' for v in LEARNED_SWEEP)} "
         "(as many as Adam's sweep) and report the best beside the untuned run",
     )
+    p.add_argument(
+        "--decayed-baselines",
+        action="store_true",
+        help=f"also sweep every baseline with its lr decaying linearly to 0 over the last {PARITY_DECAY_FRACTION:g} "
+        "of the run (the learned default's own decay), tuned separately: the comparison at equal schedules",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1: the models are small)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel worker processes (default 1)")
     p.add_argument("--no-cache", action="store_true", help="rerun every run instead of reusing OUT/runs")
@@ -1134,7 +1185,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results = run_benchmark(
             keys, Path(args.out), seeds=seeds, steps_scale=args.steps_scale, quick=args.quick, weights=args.weights,
             ablation=args.ablation, ablation_weights=ablation_weights, bf16_state=args.bf16_state,
-            cosine=args.cosine, tune_learned=args.tune_learned, threads=args.threads, workers=args.jobs,
+            cosine=args.cosine, tune_learned=args.tune_learned,
+            decayed_baselines=args.decayed_baselines, threads=args.threads, workers=args.jobs,
             use_cache=not args.no_cache, show_progress=not args.no_progress, command=command,
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as err:

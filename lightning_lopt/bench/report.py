@@ -86,7 +86,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"- date: {meta['date']}; total wall time {meta['wall_seconds'] / 60:.1f} min "
         f"({meta['runs_executed']} runs executed, {meta['runs_cached']} reused from the cache)",
         f"- learned optimizer weights: {meta['weights']['description']} (digest {meta['weights']['digest']}), "
-        "untuned, lr multiplier 1.0",
+        "untuned, lr multiplier 1.0"
+        + (f", its step decaying linearly to 0 over the last {fraction:g} of each run (the weights' decay_fraction; "
+           "the baselines' learning rates stay constant)" if (fraction := meta["weights"]["config"].get("decay_fraction"))
+           else ""),
         f"- mode: {'quick' if meta['quick'] else 'full'}; seeds {meta['seeds']}; steps scale {meta['steps_scale']}; "
         "sweeps: " + "; ".join(f"{KIND_LABELS[k]} {', '.join(f'{v:.3g}' for v in vs)}" for k, vs in sweeps.items()),
         "- final training loss = mean over seeds ± std, at the true parameters on the whole training set "
@@ -258,6 +261,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         ]
     if results.get("cosine"):
         lines += _cosine_section(results)
+    if results.get("decayed_baselines"):
+        lines += _decayed_section(results)
     lines += _step_size_section(results)
     lines += ["", "## Loss curves", ""]
     for key, t in results["tasks"].items():
@@ -309,6 +314,40 @@ def _step_size_section(results: dict[str, Any]) -> list[str]:
     if tuned_rows:
         lines += ["", f"learned, lr multiplier tuned: lower final loss than Adam 1e-3 on {beats_adam}/{rows} tasks, "
                       f"than the best tuned baseline on {beats_best}/{rows}."]
+    return lines
+
+
+def _decayed_section(results: dict[str, Any]) -> list[str]:
+    """The ``--decayed-baselines`` table: the learned optimizer against baselines given its schedule."""
+    fraction = results["decayed_baselines"]["fraction"]
+    lines = [
+        "",
+        "## At equal schedules: baselines whose learning rate decays too (final training loss)",
+        "",
+        f"Every baseline setting again, its learning rate decaying linearly to 0 over the last {fraction:g} of the "
+        "run, as the learned default's step does when it knows the horizon; tuned over the same sweeps. The bar "
+        "above compares constant learning rates; this table does not change it.",
+        "",
+        "| task | learned | tuned Adam + decay | tuned RMSProp + decay | tuned SGD+m + decay | best tuned, constant "
+        "| learned / best + decay |",
+        "|---|---|---|---|---|---|---:|",
+    ]
+    for key, t in results["tasks"].items():
+        s, a = t["summaries"], t["analysis"]
+        get = functools.partial(_lookup, s)
+        decayed = a.get("tuned_decayed") or {}
+        cells = [f"{key} {t['name']}", _fmt_loss(get(a["learned"]))]
+        for kind in ("adam", "rmsprop", "sgd"):
+            d = get(decayed.get(kind))
+            cells.append(f"{_fmt_loss(d)} @ {d['lr']:.3g}" if d else "-")
+        best = get(a["tuned"].get("best"))
+        cells += [f"{_fmt_loss(best)} ({KIND_LABELS[best['kind']]} {best['lr']:.3g})" if best else "-",
+                  _fmt(a.get("ratio_to_best_decayed"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    bar = results["bar"]
+    lines += ["", f"learned: lower final loss than the best decaying baseline on {len(bar['beats_best_decayed'])}/"
+                  f"{len(bar['rows'])} tasks ({', '.join(bar['beats_best_decayed']) or 'none'}), "
+                  f"{len(bar['groups_beating_best_decayed'])}/{len(bar['groups'])} groups."]
     return lines
 
 
@@ -390,6 +429,10 @@ def plot_task(task_result: dict[str, Any], path: Path) -> Path:
         if key:
             best = " (best)" if key == a["tuned"].get("best") else ""
             lines.append((f"tuned {KIND_LABELS[kind]} {s[key]['lr']:.3g}{best}", s[key], _STYLE[kind]))
+    decayed = (a.get("tuned_decayed") or {}).get("best")
+    if decayed:
+        d = s[decayed]
+        lines.append((f"best tuned + decay: {KIND_LABELS[d['kind']]} {d['lr']:.3g}", d, dict(color="black", lw=1.2, ls="--")))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for label, summ, style in lines:
         axes[0].plot(summ["curve_steps"], summ["curve_mean"], label=label, **style)

@@ -1,15 +1,17 @@
-"""The learned optimizer on the benchmark's tasks under several trust-ratio bounds (``max_update_ratio``)
-and step gains (``lr_adaptation``).
+"""The learned optimizer on the benchmark's tasks under several trust-ratio bounds (``max_update_ratio``),
+step gains (``lr_adaptation``) and decay phases (``decay_fraction``).
 
 Each run is the quality benchmark's learned run (:func:`lightning_lopt.bench.quality.run_one`: the
 same tasks, steps, seeds and final training loss at the true parameters), with the weights' own
 bound replaced by each value of ``--ratios`` (``none``: no bound) and, for each of those, the step
 gain set to each of ``--lr-adaptations`` (``weights``: the weights' own; ``none``; ``hypergradient``
-or ``hypergradient=BETA``; ``learned``). Prints the mean final loss per task and setting, with Adam
+or ``hypergradient=BETA``; ``learned``) and the decay phase to each of ``--decay-fractions``
+(``weights``: the weights' own; a fraction of the run, 0 for none). Prints the mean final loss per task and setting, with Adam
 at 1e-3 from the same runner for reference.
 
     python -m lightning_lopt.bench.trust_sweep --jobs 2
     python -m lightning_lopt.bench.trust_sweep --jobs 2 --ratios 0.01 --lr-adaptations none,hypergradient
+    python -m lightning_lopt.bench.trust_sweep --jobs 2 --ratios 0.01 --decay-fractions 0,0.2,0.5,1
 """
 
 from __future__ import annotations
@@ -30,12 +32,18 @@ from lightning_lopt.tasks.benchmark import TASKS, build_task, resolve_task_keys
 __all__ = ["bounded", "main"]
 
 
-def bounded(weights: str, ratio: Optional[float], lr_adaptation: str = "weights") -> HierarchicalRNN:
-    """``weights`` with ``max_update_ratio`` set to ``ratio`` (None: no bound) and the step gain set
+def bounded(
+    weights: str, ratio: Optional[float], lr_adaptation: str = "weights", decay_fraction: str = "weights"
+) -> HierarchicalRNN:
+    """``weights`` with ``max_update_ratio`` set to ``ratio`` (None: no bound), the step gain set
     to ``lr_adaptation`` (``"weights"``: the weights' own; ``"none"``; ``"hypergradient[=BETA]"``;
-    ``"learned"``)."""
+    ``"learned"``) and the decay phase to ``decay_fraction`` (``"weights"``: the weights' own; a
+    fraction, ``"0"`` for none)."""
     config, tensors, source = _read_weights(weights)
-    lopt = HierarchicalRNN(**{**config, "max_update_ratio": ratio})
+    config = {**config, "max_update_ratio": ratio}
+    if decay_fraction != "weights":
+        config["decay_fraction"] = float(decay_fraction)
+    lopt = HierarchicalRNN(**config)
     lopt.load_weights(tensors, source=source)
     if lr_adaptation != "weights":
         mode, _, beta = lr_adaptation.partition("=")
@@ -43,7 +51,7 @@ def bounded(weights: str, ratio: Optional[float], lr_adaptation: str = "weights"
     return lopt
 
 
-def _run(task: str, setting: Optional[tuple[Optional[float], str]], seed: int, weights: str,
+def _run(task: str, setting: Optional[tuple[Optional[float], str, str]], seed: int, weights: str,
          steps_scale: float) -> dict[str, Any]:
     torch.set_num_threads(1)
     steps = max(1, int(round(TASKS[task].steps * steps_scale)))
@@ -62,6 +70,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per setting")
     parser.add_argument("--lr-adaptations", default="weights",
                         help="step gains to try: weights (their own), none, hypergradient[=BETA], learned")
+    parser.add_argument("--decay-fractions", default="weights",
+                        help="decay phases to try: weights (their own), or fractions of the run (0: none)")
     parser.add_argument("--weights", default="default", help="weights whose bound is replaced")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every task's steps")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel worker processes")
@@ -69,7 +79,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     tasks = resolve_task_keys(args.tasks)
     ratios: list[Optional[float]] = [None if r.strip() == "none" else float(r) for r in args.ratios.split(",")]
     gains = [g.strip() for g in args.lr_adaptations.split(",")]
-    settings: list[Optional[tuple[Optional[float], str]]] = [None] + [(r, g) for r in ratios for g in gains]
+    decays = [d.strip() for d in args.decay_fractions.split(",")]
+    settings: list[Optional[tuple[Optional[float], str, str]]] = [None] + [
+        (r, g, d) for r in ratios for g in gains for d in decays
+    ]
     plan = [(t, x, s) for t in tasks for x in settings for s in range(args.seeds)]
     start = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
@@ -81,7 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f"weights {args.weights}; {args.seeds} seeds; steps x{args.steps_scale}; {machine_description()}; "
           f"{(time.perf_counter() - start) / 60:.1f} min")
     names = [f"bound {'none' if r is None else f'{r:g}'}" + ("" if g == "weights" else f", gain {g}")
-             for r, g in settings[1:]]  # type: ignore[misc]
+             + ("" if d == "weights" else f", decay {d}") for r, g, d in settings[1:]]  # type: ignore[misc]
     print("| task | Adam 1e-3 | " + " | ".join(names) + " |")
     print("|---|---:|" + "---:|" * len(names))
     for t in tasks:

@@ -446,6 +446,7 @@ def _tensorboard_histograms(logger: TensorBoardLogger, hists: dict[str, Histogra
 class _Pending:
     marker: Optional[StepDiagnostics]
     counters: tuple[int, int]
+    decay_factor: float
 
 
 def _counters(opt: HierarchicalRNNOptimizer) -> tuple[int, int]:
@@ -458,7 +459,8 @@ class LearnedOptimizerMonitor(Callback):
 
     Every ``logging_interval`` optimizer steps it asks the optimizer to return diagnostics from its
     next step (other steps compute none) and logs :func:`diagnostics_summary` as scalars to all
-    loggers, ``<prefix>/skipped_steps``, and, on rank zero, :func:`diagnostics_histograms` to
+    loggers, ``<prefix>/skipped_steps``, ``<prefix>/decay_factor`` (what the logged step multiplied
+    ``lr`` by in the decay phase: 1 before it, or while the run's length is unknown), and, on rank zero, :func:`diagnostics_histograms` to
     W&B (``wandb.Histogram``) and TensorBoard (``add_histogram_raw``). At the end of fit it writes
     ``lopt_history.json`` and PNG figures to the log directory (see ``lightning-lopt-plot``).
 
@@ -559,7 +561,7 @@ class LearnedOptimizerMonitor(Callback):
         for _, opt in self._optimizers(trainer):
             if id(opt) not in self._pending:
                 opt.request_diagnostics()
-                self._pending[id(opt)] = _Pending(opt.last_diagnostics, _counters(opt))
+                self._pending[id(opt)] = _Pending(opt.last_diagnostics, _counters(opt), opt.decay_factor)
 
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
@@ -576,7 +578,10 @@ class LearnedOptimizerMonitor(Callback):
             if not fresh and _counters(opt) == pending.counters:
                 continue  # no step yet (gradient accumulation): keep waiting
             del self._pending[id(opt)]
-            metrics: dict[str, float] = {f"{prefix}/skipped_steps": float(opt.skipped_steps)}
+            metrics: dict[str, float] = {
+                f"{prefix}/skipped_steps": float(opt.skipped_steps),
+                f"{prefix}/decay_factor": pending.decay_factor,
+            }
             hists: dict[str, HistogramData] = {}
             if fresh:
                 opt.last_diagnostics = None  # asked for by this callback: release the memory
