@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lopt import HierarchicalRNN, HierarchicalRNNOptimizer
-from lightning_lopt.callbacks import EvalWithTrueParameters
+from lightning_lopt.callbacks import EvalWithTrueParameters, TrainingProgress
 from lightning_lopt.cli import build_cli, main
 from lightning_lopt.data import MNIST1DDataModule
 from lightning_lopt.models import MLPClassifier
@@ -315,22 +315,29 @@ def test_checkpoint_holds_true_parameters_and_loads_weights_only(tmp_path: Path)
     assert torch.equal(_flat(fresh), rec.theta[4])
 
 
-def test_resume_from_checkpoint_is_bit_identical(tmp_path: Path) -> None:
+@pytest.mark.parametrize("horizon", [None, 8])
+def test_resume_from_checkpoint_is_bit_identical(tmp_path: Path, horizon: Optional[int]) -> None:
+    """Also mid-decay: with the run's length known (8 steps), the step decays over steps 4-7 and the
+    resumed run (from step 4) takes the same decayed steps."""
     kwargs = dict(num_sanity_val_steps=0, limit_val_batches=1)
+
+    def callbacks() -> list[pl.Callback]:
+        return [EvalWithTrueParameters()] + ([TrainingProgress(horizon)] if horizon else [])
+
     # Uninterrupted: 2 epochs of 4 steps, validating (and swapping) after each, no checkpoints.
-    full = ValTinyModule(n_batches=4)
-    t_full = _trainer(tmp_path / "full", max_epochs=2, callbacks=[EvalWithTrueParameters()], **kwargs)
+    full = ValTinyModule(n_batches=4, decay_fraction=0.5)
+    t_full = _trainer(tmp_path / "full", max_epochs=2, callbacks=callbacks(), **kwargs)
     t_full.fit(full)
     # Interrupted: 1 epoch with checkpointing, then a new model and trainer resume to 2 epochs.
-    first = ValTinyModule(n_batches=4)
+    first = ValTinyModule(n_batches=4, decay_fraction=0.5)
     t1 = _trainer(
-        tmp_path / "a", max_epochs=1, enable_checkpointing=True, callbacks=[EvalWithTrueParameters()], **kwargs
+        tmp_path / "a", max_epochs=1, enable_checkpointing=True, callbacks=callbacks(), **kwargs
     )
     t1.fit(first)
     (ckpt,) = (tmp_path / "a" / "checkpoints").glob("*.ckpt")
     mid = _flat(first)
-    resumed = ValTinyModule(n_batches=4)
-    t2 = _trainer(tmp_path / "b", max_epochs=2, callbacks=[EvalWithTrueParameters()], **kwargs)
+    resumed = ValTinyModule(n_batches=4, decay_fraction=0.5)
+    t2 = _trainer(tmp_path / "b", max_epochs=2, callbacks=callbacks(), **kwargs)
     t2.fit(resumed, ckpt_path=ckpt)
 
     assert t2.global_step == t_full.global_step == 8
@@ -340,6 +347,7 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path: Path) -> None:
         assert torch.equal(a, b)
     st_full, st_res = _hrnn(t_full).hrnn_state, _hrnn(t2).hrnn_state
     assert st_full["step"] == st_res["step"] == 8
+    assert _hrnn(t2).decay_factor == (0.0 if horizon else 1.0) and _hrnn(t2).decay_fraction == 0.5
     for key, value in st_full.items():
         if isinstance(value, Tensor):
             assert torch.equal(value, st_res[key]), key
