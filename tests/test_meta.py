@@ -432,3 +432,20 @@ def test_export_prints_its_validation_table_and_writes_files_of_one_mode(tmp_pat
     assert "checkpoint_selection" not in card
     modes = {stat.S_IMODE((tmp_path / name).stat().st_mode) for name in ("w.safetensors", "w.json")}
     assert len(modes) == 1
+
+
+def test_export_writes_the_decay_phase_into_the_weights(tmp_path):
+    """``--decay-fraction`` lands in the weights' config, which the optimizer then reads."""
+    from lightning_lopt import HierarchicalRNNOptimizer
+    from lightning_lopt.meta.export import main as export_main
+
+    ckpt = _one_step_checkpoint(tmp_path)
+    export_main([str(ckpt), str(tmp_path / "w.safetensors"), "--decay-fraction", "0.5"])
+    export_main([str(ckpt), str(tmp_path / "plain.safetensors")])
+    lopt = HierarchicalRNN.from_pretrained(tmp_path / "w.safetensors")
+    assert lopt.config["decay_fraction"] == 0.5
+    assert "decay_fraction" not in HierarchicalRNN.from_pretrained(tmp_path / "plain.safetensors").config
+    opt = HierarchicalRNNOptimizer([torch.nn.Parameter(torch.ones(2))], weights=str(tmp_path / "w.safetensors"))
+    assert opt.decay_fraction == 0.5
+    for a, b in zip(lopt.state_dict().values(), HierarchicalRNN.from_pretrained(ckpt).state_dict().values()):
+        assert torch.equal(a, b)

@@ -25,6 +25,7 @@ def export_checkpoint(
     card: Optional[dict[str, Any]] = None,
     validate: bool = False,
     num_validation_tasks: int = 6,
+    decay_fraction: Optional[float] = None,
 ) -> Path:
     """Write the meta-parameters of a :class:`~lightning_lopt.meta.MetaTrainingModule` checkpoint.
 
@@ -37,6 +38,8 @@ def export_checkpoint(
             :func:`~lightning_lopt.meta.select.score_checkpoints` and record every task's log ratio
             to Adam 1e-3 and verdict in the card (``validation``).
         num_validation_tasks: How many validation tasks ``validate`` scores.
+        decay_fraction: Written into the weights' config: the optimizer's decay phase with a known
+            run length (see :class:`~lightning_lopt.HierarchicalRNNOptimizer`). None: none.
 
     The card records no score from the checkpoint's callbacks: a ``ModelCheckpoint``'s
     ``current_score`` is the last monitored value when the file was written, which for
@@ -46,6 +49,10 @@ def export_checkpoint(
         The safetensors path.
     """
     lopt = HierarchicalRNN.from_pretrained(ckpt)
+    if decay_fraction is not None:  # a setting of the optimizer, not of the trained tensors
+        decaying = HierarchicalRNN(**{**lopt.config, "decay_fraction": decay_fraction})
+        decaying.load_state_dict(lopt.state_dict())
+        lopt = decaying
     raw = torch.load(ckpt, map_location="cpu", weights_only=True)
     hparams = {k: v for k, v in raw.get("hyper_parameters", {}).items() if k != "lopt_config"}
     info: dict[str, Any] = {
@@ -78,9 +85,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "--validate", action="store_true",
         help="score the weights on the validation tasks (as python -m lightning_lopt.meta.select) into the card",
     )
+    parser.add_argument(
+        "--decay-fraction", type=float, default=None,
+        help="the optimizer's decay phase, written into the weights' config (the last fraction of a run of known "
+        "length over which the learned step decays to 0)",
+    )
     args = parser.parse_args(argv)
     card = json.loads(Path(args.card).read_text()) if args.card else None
-    path = export_checkpoint(args.checkpoint, args.output, card, validate=args.validate)
+    path = export_checkpoint(args.checkpoint, args.output, card, validate=args.validate,
+                             decay_fraction=args.decay_fraction)
     print(f"wrote {path} and {path.with_suffix('.json')}")
     if args.validate:
         validation = json.loads(path.with_suffix(".json").read_text())["validation"]
