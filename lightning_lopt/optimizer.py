@@ -294,6 +294,7 @@ class HierarchicalRNNOptimizer(Optimizer):
         self._diagnostics_requested = False
         self._warned_nonfinite = False
         self._warned_nonfinite_update = False
+        self._warned_past_horizon = False
         # Set once anything switches modes (EvalWithTrueParameters does on train start): until then,
         # a step from a Lightning Trainer means validation and checkpoints would see the look-ahead point.
         self._modes_managed = False
@@ -603,6 +604,15 @@ class HierarchicalRNNOptimizer(Optimizer):
     def _per_tensor_hyperparameters(self, active: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
         # Made anew only when a group's lr or weight decay changes (a scheduler) or the active set does.
         factor = self.decay_factor
+        if factor == 0.0 and not self._warned_past_horizon:
+            self._warned_past_horizon = True
+            warnings.warn(
+                f"HierarchicalRNNOptimizer: this step is past the run's length (total_steps={self.total_steps}), "
+                "where the decay phase leaves a step of 0. Set total_steps to the real length, or "
+                "decay_fraction=0 for no decay.",
+                UserWarning,
+                stacklevel=3,
+            )
         values = [(float(g["lr"]) * factor, float(g["weight_decay"])) for g in self.param_groups for _ in g["params"]]
         key = (tuple(values[i] for i in active), device)
         if self._hyper_cache is None or self._hyper_cache[0] != key:
@@ -881,6 +891,7 @@ class HierarchicalRNNOptimizer(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_total_steps", None)  # pickled before the horizon existed
         self.__dict__.setdefault("decay_fraction", 0.0)  # pickled before the decay existed
+        self.__dict__.setdefault("_warned_past_horizon", False)
         for k in self._TRANSIENT:
             setattr(self, k, None)
         self._layout_cache = {}

@@ -800,6 +800,18 @@ def test_decay_needs_a_horizon_and_can_be_turned_off():
     assert factors == [1.0] * 8 and torch.equal(off, reference)
 
 
+def test_a_step_past_the_horizon_is_zero_and_warns_once():
+    decaying = HierarchicalRNN(decay_fraction=0.5, attention=False)  # the model holds the true parameters
+    model = make_mlp()
+    opt = HierarchicalRNNOptimizer(model.parameters(), weights=decaying, total_steps=2)
+    train(model, opt, 2)
+    before = flat(model.parameters())
+    with pytest.warns(UserWarning, match="past the run's length") as caught:
+        train(model, opt, 2)
+    assert len([w for w in caught if "past the run's length" in str(w.message)]) == 1
+    assert torch.equal(flat(model.parameters()), before)  # a step of 0
+
+
 def test_shipped_weights_decay_over_the_last_half():
     opt = HierarchicalRNNOptimizer([nn.Parameter(torch.zeros(2))])
     assert opt.decay_fraction == 0.5 and opt.decay_factor == 1.0
