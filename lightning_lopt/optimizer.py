@@ -55,6 +55,14 @@ def _feature_major(st: dict[str, Any]) -> dict[str, Any]:
     return st
 
 
+def linear_decay(progress: float, fraction: float) -> float:
+    """The factor on ``lr`` at ``progress`` (the fraction of the run done) of a decay phase over the
+    run's last ``fraction``: 1, then linear to 0 at the end (always 1 when ``fraction`` is 0)."""
+    if fraction == 0.0:
+        return 1.0
+    return min(1.0, max(0.0, (1.0 - progress) / fraction))
+
+
 def load_weights(weights: Union[str, Path, HierarchicalRNN, None]) -> HierarchicalRNN:
     """Resolve the ``weights`` argument of the optimizer into a :class:`HierarchicalRNN`.
 
@@ -380,9 +388,7 @@ class HierarchicalRNNOptimizer(Optimizer):
         """What the next step multiplies ``lr`` by: 1 until the last :attr:`decay_fraction` of
         training, then falling linearly to 0 at :attr:`total_steps`; 1 without a horizon."""
         progress = self.progress
-        if progress is None or self.decay_fraction == 0.0:
-            return 1.0
-        return min(1.0, max(0.0, (1.0 - progress) / self.decay_fraction))
+        return 1.0 if progress is None else linear_decay(progress, self.decay_fraction)
 
     def request_diagnostics(self) -> None:
         """Make the next :meth:`step` compute a :class:`StepDiagnostics` into ``last_diagnostics``."""

@@ -288,6 +288,15 @@ def test_cosine_variant_anneals_the_lr_multiplier_from_1_to_0(
     assert abs(cosine["final_loss"] - constant["final_loss"]) > 1e-4 * abs(constant["final_loss"])
 
 
+def _tiny_benchmark(out: Path, seeds: int) -> dict[str, Any]:
+    """``run_benchmark`` arguments for a few-second run on tasks d and f with one baseline setting per kind."""
+    return dict(
+        task_keys=["d", "f"], out=out, seeds=seeds, steps_scale=0.02, show_progress=False,
+        task_overrides={"d": TINY["d"], "f": TINY["f"]}, sweeps={"adam": (1e-3,), "rmsprop": (1e-3,), "sgd": (1e-2,)},
+        eval_points=5,
+    )  # fmt: skip
+
+
 def test_decayed_baselines_run_the_learned_defaults_ramp(monkeypatch: pytest.MonkeyPatch) -> None:
     """A decayed baseline's lr each step is the ramp that the learned optimizer applies with
     decay_fraction=0.5 and a known horizon: constant, then linear to 0 over the last half."""
@@ -316,11 +325,7 @@ def test_decayed_baselines_are_tuned_apart_and_leave_the_bar_alone(tmp_path: Pat
     ]
     assert q.select_tuned(summaries)["best"]["lr"] == 1e-3
     assert q.select_tuned(summaries, variant=q.DECAYED)["best"]["optimizer"] == "adam:decayed@0.01"
-    kwargs: dict[str, Any] = dict(
-        task_keys=["d", "f"], out=tmp_path, seeds=1, steps_scale=0.02, show_progress=False,
-        task_overrides={"d": TINY["d"], "f": TINY["f"]}, sweeps={"adam": (1e-3,), "rmsprop": (1e-3,), "sgd": (1e-2,)},
-        eval_points=5,
-    )  # fmt: skip
+    kwargs = _tiny_benchmark(tmp_path, seeds=1)
     results = q.run_benchmark(**kwargs, decayed_baselines=True)
     assert results["meta"]["runs_executed"] == 2 * 7  # learned, 3 constant and 3 decayed baseline settings
     plain = q.run_benchmark(**kwargs)
@@ -338,11 +343,7 @@ def test_decayed_baselines_are_tuned_apart_and_leave_the_bar_alone(tmp_path: Pat
 
 
 def test_cosine_variant_is_reported_and_leaves_the_bar_alone(tmp_path: Path) -> None:
-    kwargs: dict[str, Any] = dict(
-        task_keys=["d", "f"], out=tmp_path, seeds=2, steps_scale=0.02, show_progress=False,
-        task_overrides={"d": TINY["d"], "f": TINY["f"]}, sweeps={"adam": (1e-3,), "rmsprop": (1e-3,), "sgd": (1e-2,)},
-        eval_points=5,
-    )  # fmt: skip
+    kwargs = _tiny_benchmark(tmp_path, seeds=2)
     results = q.run_benchmark(**kwargs, cosine=True)
     assert results["meta"]["runs_executed"] == 2 * 2 * 5  # learned, cosine, 3 baseline settings
     cos_key = q.OptimizerConfig("learned", 1.0, q.COSINE).key
@@ -471,11 +472,7 @@ def test_applied_step_size_is_the_rms_change_of_the_parameters() -> None:
 
 
 def test_tuned_learned_rows_pick_the_best_multiplier_and_leave_the_bar_alone(tmp_path: Path) -> None:
-    kwargs: dict[str, Any] = dict(
-        task_keys=["d", "f"], out=tmp_path, seeds=1, steps_scale=0.02, show_progress=False,
-        task_overrides={"d": TINY["d"], "f": TINY["f"]}, sweeps={"adam": (1e-3,), "rmsprop": (1e-3,), "sgd": (1e-2,)},
-        eval_points=5,
-    )  # fmt: skip
+    kwargs = _tiny_benchmark(tmp_path, seeds=1)
     results = q.run_benchmark(**kwargs, tune_learned=True)
     assert results["meta"]["runs_executed"] == 2 * (len(q.LEARNED_SWEEP) + 3)
     md = results["markdown"].split("## Step size", 1)[1].split("\n## ", 1)[0]

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from lightning_lopt.bench.report import KIND_LABELS, at_sweep_edge, plot_task, render_markdown
 from lightning_lopt.hrnn import WEIGHTS_DIR, HierarchicalRNN
-from lightning_lopt.optimizer import HierarchicalRNNOptimizer, load_weights
+from lightning_lopt.optimizer import HierarchicalRNNOptimizer, linear_decay, load_weights
 from lightning_lopt.tasks.base import Task, make_generator
 from lightning_lopt.tasks.benchmark import (
     TASKS,
@@ -121,14 +121,6 @@ LEARNED_SWEEP: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 # decay the learned step: the comparison at equal schedules.
 DECAYED = "decayed"
 PARITY_DECAY_FRACTION = 0.5
-
-
-def decay_ramp(step: int, steps: int, fraction: float = PARITY_DECAY_FRACTION) -> float:
-    """The lr factor of step ``step`` (from 0) of ``steps``: 1, then linear to 0 over the last ``fraction``
-    (what :attr:`~lightning_lopt.HierarchicalRNNOptimizer.decay_factor` applies with a known horizon)."""
-    if fraction == 0.0:
-        return 1.0
-    return min(1.0, max(0.0, (1.0 - step / steps) / fraction))
 
 
 # ============================================================================ tasks
@@ -314,7 +306,8 @@ def run_one(
     if config.variant == COSINE:
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     elif config.variant == DECAYED:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: decay_ramp(t, steps))
+        # The ramp the learned optimizer applies with a known horizon (its decay_factor).
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: linear_decay(t / steps, PARITY_DECAY_FRACTION))
 
     def at_true_params(fn: Callable[[], Any]) -> Any:
         # With attention the model holds the look-ahead point while training.

@@ -60,6 +60,11 @@ def _with_lr(s: Optional[dict[str, Any]], sweep: Sequence[float]) -> str:
     return f"{_fmt_loss(s)} @ {s['lr']:.3g}{edge}"
 
 
+def _with_setting(s: Optional[dict[str, Any]]) -> str:
+    """A baseline's final loss with its kind and learning rate, e.g. ``0.0221 ± 0.0025 (SGD+m 1)``."""
+    return f"{_fmt_loss(s)} ({KIND_LABELS[s['kind']]} {s['lr']:.3g})" if s else "-"
+
+
 def _label(summary: dict[str, Any]) -> str:
     if summary["kind"] == "learned":
         return "learned" if summary["variant"] == "default" else f"learned ({summary['variant']})"
@@ -297,7 +302,7 @@ def _step_size_section(results: dict[str, Any]) -> list[str]:
         s, a = t["summaries"], t["analysis"]
         get = functools.partial(_lookup, s)
         best = get(a["tuned"].get("best"))
-        best_txt = f"{_fmt_loss(best)} ({KIND_LABELS[best['kind']]} {best['lr']:.3g})" if best else "-"
+        best_txt = _with_setting(best)
         cells = [f"{key} {t['name']}", _fmt_loss(get(a["learned"]))]
         if tuned_rows:
             tuned = get(a.get("learned_tuned"))
@@ -332,17 +337,14 @@ def _decayed_section(results: dict[str, Any]) -> list[str]:
         "| learned / best + decay |",
         "|---|---|---|---|---|---|---:|",
     ]
+    sweeps = results["meta"]["sweeps"]
     for key, t in results["tasks"].items():
         s, a = t["summaries"], t["analysis"]
         get = functools.partial(_lookup, s)
         decayed = a.get("tuned_decayed") or {}
         cells = [f"{key} {t['name']}", _fmt_loss(get(a["learned"]))]
-        for kind in ("adam", "rmsprop", "sgd"):
-            d = get(decayed.get(kind))
-            cells.append(f"{_fmt_loss(d)} @ {d['lr']:.3g}" if d else "-")
-        best = get(a["tuned"].get("best"))
-        cells += [f"{_fmt_loss(best)} ({KIND_LABELS[best['kind']]} {best['lr']:.3g})" if best else "-",
-                  _fmt(a.get("ratio_to_best_decayed"))]
+        cells += [_with_lr(get(decayed.get(kind)), sweeps[kind]) for kind in _BASELINE_ORDER]
+        cells += [_with_setting(get(a["tuned"].get("best"))), _fmt(a.get("ratio_to_best_decayed"))]
         lines.append("| " + " | ".join(cells) + " |")
     bar = results["bar"]
     lines += ["", f"learned: lower final loss than the best decaying baseline on {len(bar['beats_best_decayed'])}/"
@@ -371,7 +373,7 @@ def _cosine_section(results: dict[str, Any]) -> list[str]:
         s, a = t["summaries"], t["analysis"]
         get = functools.partial(_lookup, s)
         cosine, best = get(a.get("cosine")), get(a["tuned"].get("best"))
-        best_txt = f"{_fmt_loss(best)} ({KIND_LABELS[best['kind']]} {best['lr']:.3g})" if best else "-"
+        best_txt = _with_setting(best)
         cosine_div = "-"
         if cosine:
             rows += 1
